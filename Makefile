@@ -1,0 +1,34 @@
+# tauflow: every stage is a make target taking MANIFEST= and ARGS=.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MANIFEST ?= manifests/demo.yaml
+ARGS ?=
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+TAUFLOW := $(VENV)/bin/tauflow
+STAGES := validate generate score threshold pair train eval run
+
+.PHONY: install demo test bench inspect regenerate $(STAGES)
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+demo: $(STAMP)
+	$(TAUFLOW) run manifests/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(ARGS)
+
+$(STAGES): $(STAMP)
+	$(TAUFLOW) $@ $(MANIFEST) $(ARGS)
+
+inspect regenerate: $(STAMP)
+	$(TAUFLOW) $@ $(ARGS)

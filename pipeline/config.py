@@ -1,0 +1,299 @@
+"""Run manifests: one YAML describes a run; it is validated in full before any work starts.
+
+Relative paths in a manifest are resolved against the current directory (make targets run from the repo
+root). Each stage section knows which of its fields change the stage's output (hashed, so a rerun with a
+different config is refused) and which only change how it runs (workers, retries: free to change on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator, model_validator
+
+from pipeline.errors import ManifestError
+
+STAGES = ("generate", "score", "threshold", "pair", "train", "eval")
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
+
+
+def _existing_path(value: Path) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(f"path does not exist: {path}")
+    return path
+
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields that only change how a stage runs, not what it writes.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def content_hash(self, **extra: Any) -> str:
+        """Hash of everything that determines this stage's output."""
+        content = self.model_dump(mode="json", exclude=set(self.EXECUTION_FIELDS))
+        blob = json.dumps({"section": content, **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ModelRef(Section):
+    """Where a model's weights come from: a hub id or a local directory/file."""
+
+    @staticmethod
+    def check(ref: str | None) -> str | None:
+        if ref is not None and _looks_local(ref) and not Path(ref).expanduser().exists():
+            raise ValueError(f"local model path does not exist: {ref}")
+        return ref
+
+
+class RunSection(Section):
+    name: str = Field(min_length=1)
+    output_dir: Path
+    seed: int = Field(0, ge=0)
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+
+
+class GenerateSection(Section):
+    EXECUTION_FIELDS = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker", "max_retries", "device"})
+
+    model: str
+    revision: str | None = None
+    variant: str | None = None
+    local_files_only: bool = False
+    trust_remote_code: bool = False
+    prompts: Path
+    prompt_column: str = "prompt"
+    dedupe_prompts: bool = True
+    negative_prompt: str | None = None
+    images_per_prompt: int = Field(8, gt=0)
+    num_inference_steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(5.0, ge=0)
+    height: int = Field(512, gt=0)
+    width: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0)
+    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    noise_dtype: Literal["float16", "float32"] = "float16"
+    scheduler: str | None = None
+    prompts_per_shard: int = Field(64, gt=0)
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _model_exists = field_validator("model")(ModelRef.check)
+    _prompts_exist = field_validator("prompts")(_existing_path)
+
+
+class RewardSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    kind: str
+    checkpoint: str | None = None
+    model: str | None = None
+    tokenizer: str | None = None
+    local_files_only: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _refs_exist = field_validator("checkpoint", "model", "tokenizer")(ModelRef.check)
+
+
+class ScoreSection(Section):
+    EXECUTION_FIELDS = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker", "batch_size", "device"})
+
+    rewards: list[RewardSpec] = Field(min_length=1)
+    batch_size: int = Field(16, gt=0)
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ScoreSection:
+        names = [r.name for r in self.rewards]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reward names must be unique, repeated: {dupes}")
+        return self
+
+
+class CompositeSpec(Section):
+    weights: dict[str, float] = Field(min_length=1)
+    normalize: Literal["zscore", "rank"] = "zscore"
+    reference: Path | None = None
+
+    _ref_exists = field_validator("reference")(lambda v: v if v is None else _existing_path(v))
+
+
+class ThresholdSection(Section):
+    reward: str | None = None
+    composite: CompositeSpec | None = None
+    percentile: float = Field(50.0, gt=0, lt=100)
+    mode: Literal["global", "per_prompt", "shrunk"] = "global"
+    k0: float = Field(8.0, gt=0)
+    c: float = Field(5.0, ge=0)
+    normalize_gap: bool = False
+    nan_policy: Literal["error", "drop"] = "error"
+    tau_from: Path | None = None
+
+    _tau_from_exists = field_validator("tau_from")(lambda v: v if v is None else _existing_path(v))
+
+    @model_validator(mode="after")
+    def _one_score(self) -> ThresholdSection:
+        if (self.reward is None) == (self.composite is None):
+            raise ValueError("give exactly one of 'reward' or 'composite'")
+        return self
+
+
+class ExternalPairs(Section):
+    """An external paired dataset without prior noise (e.g. Pick-a-Pic)."""
+
+    path: Path
+    columns: dict[Literal["image_0", "image_1", "label_0", "prompt"], str] = Field(
+        default_factory=lambda: {"image_0": "jpg_0", "image_1": "jpg_1", "label_0": "label_0", "prompt": "caption"}
+    )
+
+    _path_exists = field_validator("path")(_existing_path)
+
+
+class PairSection(Section):
+    reward: str | None = None
+    strategy: Literal["best_worst", "all", "top_bottom_k"] = "best_worst"
+    k: int = Field(1, gt=0)
+    min_gap: float = Field(0.0, ge=0)
+    external: ExternalPairs | None = None
+
+
+class TrainSection(Section):
+    EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit"})
+
+    method: Literal["tgo", "pnapo", "dpo", "kto", "sft"]
+    model: str | None = None
+    beta: float = Field(1.0, gt=0)
+    temperature: float = Field(0.001, gt=0)
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    checkpoint_limit: int = Field(2, gt=0)
+    seed: int = Field(0, ge=0)
+
+    _model_exists = field_validator("model")(ModelRef.check)
+
+
+class EvalSection(Section):
+    prompts: Path
+    images_per_prompt: int = Field(4, gt=0)
+    models: list[str] = Field(default_factory=list)
+    bootstrap: int = Field(1000, gt=0)
+
+    _prompts_exist = field_validator("prompts")(_existing_path)
+
+
+class Manifest(Section):
+    _source: str = PrivateAttr("<manifest>")
+
+    run: RunSection
+    generate: GenerateSection | None = None
+    score: ScoreSection | None = None
+    threshold: ThresholdSection | None = None
+    pair: PairSection | None = None
+    train: TrainSection | None = None
+    eval: EvalSection | None = None
+
+    @property
+    def source(self) -> str:
+        """The file this manifest was read from, for error messages."""
+        return self._source
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        folder = {"generate": "samples", "score": "scored", "threshold": "labeled", "pair": "pairs"}.get(stage, stage)
+        return self.output_dir / folder
+
+    def require(self, stage: str) -> Any:
+        section = getattr(self, stage)
+        if section is None:
+            raise ManifestError(f"{self.source}: the manifest has no '{stage}' section")
+        return section
+
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ManifestError(f"{source}: override '{item}' is not of the form key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ManifestError(f"{source}: override '{item}': '{part}' is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        lines.append(f"{source}: {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: a manifest must be a YAML mapping, got {type(data).__name__}")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(_format_errors(source, err)) from None
+    manifest._source = source
+    return manifest
+
+
+def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Manifest:
+    """Read, override and validate a manifest; every problem is reported with file and key path."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"{source}: no such manifest file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ManifestError(f"{source}: {where}invalid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        raise ManifestError(f"{source}: the manifest is empty")
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [], source)
+    return parse_manifest(data, source)
+
+
+def dump_manifest(manifest: Manifest) -> str:
+    return yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Runs a stage's work units, locally in-process or on a Ray actor pool; the steps never know which.
+
+A unit is a JSON-able dict with an integer "unit" key; a worker turns one unit into one shard and returns
+its ShardRecord. Unit failures are retried `max_retries` times (exceptions inside the worker, and worker
+process deaths on Ray); a unit that still fails stops the run with its error, keeping the shards written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.errors import StageError
+from pipeline.shards import ShardRecord
+
+log = logging.getLogger("tauflow")
+
+
+@dataclass(frozen=True)
+class Resources:
+    executor: str = "local"  # "local" or "ray"
+    address: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_retries: int = 2
+
+
+def _crash_once_for_tests(unit: int) -> None:
+    """Fault injection for the resume tests: TAUFLOW_CRASH_ONCE=<marker>:<unit> kills the worker process the
+    first time it starts that unit (the marker file records that it happened)."""
+    spec = os.environ.get("TAUFLOW_CRASH_ONCE")
+    if spec:
+        marker, _, which = spec.rpartition(":")
+        if int(which) == unit and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(17)
+
+
+class UnitWorker:
+    """Base of stage workers: `process(unit) -> ShardRecord`; `__call__` is the Ray Data batch UDF."""
+
+    def __init__(self, max_retries: int = 2):
+        self.max_retries = max_retries
+
+    def process(self, unit: dict[str, Any]) -> ShardRecord:
+        raise NotImplementedError
+
+    def run_unit(self, unit: dict[str, Any]) -> ShardRecord:
+        _crash_once_for_tests(unit["unit"])
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.process(unit)
+            except Exception as err:
+                if attempt == self.max_retries:
+                    raise StageError(f"unit {unit['unit']} failed after {attempt + 1} attempts: {err!r}") from err
+                log.warning("unit %s failed (attempt %d): %r; retrying", unit["unit"], attempt + 1, err)
+        raise AssertionError("unreachable")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        records = [self.run_unit(json.loads(payload)) for payload in batch["payload"]]
+        return {"record": [json.dumps(asdict(r)) for r in records]}
+
+
+def _progress(desc: str, total_rows: int) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{desc}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def _ray_records(
+    factory: type[UnitWorker], kwargs: dict[str, Any], units: list[dict[str, Any]], res: Resources
+) -> Iterator[ShardRecord]:
+    import ray.data
+
+    init_ray(res.address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items([{"payload": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(
+        factory,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(units))),
+        num_cpus=res.cpus_per_worker,
+        num_gpus=res.gpus_per_worker,
+        max_restarts=res.max_retries,
+        max_task_retries=res.max_retries,
+    )
+    try:
+        for row in ds.iter_rows():
+            yield ShardRecord(**json.loads(row["record"]))
+    except StageError:
+        raise
+    except Exception as err:  # Ray wraps worker errors; surface the root cause in one line
+        cause = err
+        while getattr(cause, "__cause__", None) is not None:
+            cause = cause.__cause__
+        raise StageError(f"the Ray job failed: {cause}") from err
+
+
+def run_units(
+    factory: type[UnitWorker],
+    kwargs: dict[str, Any],
+    units: list[dict[str, Any]],
+    res: Resources,
+    *,
+    desc: str,
+    rows_of: Callable[[dict[str, Any]], int],
+) -> list[ShardRecord]:
+    """Process every unit, showing rows/s; returns the records in completion order."""
+    if not units:
+        return []
+    total = sum(rows_of(u) for u in units)
+    kwargs = {**kwargs, "max_retries": res.max_retries}
+    records: list[ShardRecord] = []
+    start = time.perf_counter()
+    with _progress(desc, total) as bar:
+        task = bar.add_task(desc, total=total, rate="")
+        if res.executor == "ray":
+            stream = _ray_records(factory, kwargs, units, res)
+        else:
+            worker = factory(**kwargs)
+            stream = (worker.run_unit(u) for u in units)
+        for record in stream:
+            records.append(record)
+            done = sum(r.rows for r in records)
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=done, rate=f"{rate:.1f} rows/s")
+    return records

@@ -1,0 +1,245 @@
+"""Generate stage: K images per prompt from a diffusers pipeline, each with its recorded prior noise.
+
+Prompts are cut into fixed units of `prompts_per_shard` prompts; unit i writes shard i. The plan depends only
+on the prompt file and the manifest, so a rerun skips the shards already written and ends with exactly the
+dataset an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import GenerateSection, Manifest
+from pipeline.errors import StageError
+from pipeline.executor import Resources, UnitWorker, run_units
+from pipeline.families import NoiseLayout
+from pipeline.prompts import Prompt, load_prompts
+from pipeline.schema import noise_to_arrow, samples_features
+from pipeline.seeds import prior_noise, sample_id, sample_seed
+from pipeline.shards import ShardRecord, StageOutput, write_shard
+
+log = logging.getLogger("tauflow")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIN_TOKENIZER_SIZE = 16  # a failed offline load yields ~2 tokens
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_tokenizers(pipe: Any, ref: str) -> None:
+    """Offline, `from_pretrained(<hub id>)` can return an empty tokenizer instead of failing: refuse it."""
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) < MIN_TOKENIZER_SIZE:
+            raise StageError(f"{ref}: {name} has only {len(tok)} tokens: its files were not found (offline?)")
+
+
+def load_pipeline(cfg: GenerateSection, device: str) -> Any:
+    """`DiffusionPipeline.from_pretrained` with the manifest's options, scheduler override and checks."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            cfg.model,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            torch_dtype=DTYPES[cfg.torch_dtype],
+            local_files_only=cfg.local_files_only,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise StageError(f"{cfg.model}: cannot load the pipeline: {err}") from None
+    check_tokenizers(pipe, cfg.model)
+    if cfg.scheduler:
+        scheduler_cls = getattr(diffusers, cfg.scheduler, None)
+        if scheduler_cls is None:
+            raise StageError(f"generate.scheduler: diffusers has no scheduler class '{cfg.scheduler}'")
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(pick_device(cfg.device))
+
+
+def encode_png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class SampleGenerator:
+    """A loaded pipeline that turns (prompt, sample_index) rows into a samples table."""
+
+    def __init__(self, cfg: GenerateSection, run_seed: int):
+        self.cfg, self.run_seed = cfg, run_seed
+        self.pipe = load_pipeline(cfg, pick_device(cfg.device))
+        self.layout = NoiseLayout(self.pipe, cfg.height, cfg.width)
+        self.features = samples_features(self.layout.shape, cfg.noise_dtype)
+        self.encoder = ThreadPoolExecutor(max_workers=1)  # PNG encoding overlaps the next batch
+
+    def images(self, prompts: list[Prompt], seeds: list[int], noise: torch.Tensor | None) -> list[Any]:
+        cfg = self.cfg
+        negatives = [p.negative_prompt or cfg.negative_prompt or "" for p in prompts]
+        out = self.pipe(
+            prompt=[p.text for p in prompts],
+            negative_prompt=negatives if any(negatives) else None,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.height,
+            width=cfg.width,
+            output_type="pil",
+            **self.layout.call_kwargs(noise, seeds),
+        )
+        return out.images
+
+    def table(self, prompts: list[Prompt]) -> pa.Table:
+        cfg, k = self.cfg, self.cfg.images_per_prompt
+        rows = [(p, i) for p in prompts for i in range(k)]
+        seeds = [sample_seed(self.run_seed, p.prompt_id, i) for p, i in rows]
+        shape, noise_dtype = self.layout.shape, DTYPES[cfg.noise_dtype]
+        noise = torch.stack([prior_noise(s, shape, noise_dtype) for s in seeds]) if shape else None
+        step = self.layout.max_batch or cfg.batch_size
+        pngs = []
+        for lo in range(0, len(rows), step):
+            batch_noise = noise[lo : lo + step] if noise is not None else None
+            images = self.images([p for p, _ in rows[lo : lo + step]], seeds[lo : lo + step], batch_noise)
+            pngs.append(self.encoder.submit(lambda ims: [encode_png(im) for im in ims], images))
+        columns: dict[str, Any] = {
+            "sample_id": [sample_id(self.run_seed, p.prompt_id, i) for p, i in rows],
+            "prompt_id": [p.prompt_id for p, _ in rows],
+            "prompt": [p.text for p, _ in rows],
+            "negative_prompt": [p.negative_prompt or cfg.negative_prompt for p, _ in rows],
+            "sample_index": [i for _, i in rows],
+            "seed": seeds,
+            "image": [{"bytes": b, "path": None} for f in pngs for b in f.result()],
+        }
+        if noise is not None:
+            columns["noise"] = noise_to_arrow(noise.numpy(), self.features["noise"])
+        n = len(rows)
+        columns.update(
+            model=[cfg.model] * n,
+            revision=[cfg.revision] * n,
+            scheduler=[type(self.pipe.scheduler).__name__] * n,
+            num_inference_steps=[cfg.num_inference_steps] * n,
+            guidance_scale=[cfg.guidance_scale] * n,
+            height=[cfg.height] * n,
+            width=[cfg.width] * n,
+            torch_dtype=[cfg.torch_dtype] * n,
+        )
+        return pa.table(columns, schema=self.features.arrow_schema)
+
+
+class GenerateWorker(UnitWorker):
+    """Ray Data / local worker: loads the pipeline once, writes one shard per unit of prompts."""
+
+    def __init__(self, cfg: dict[str, Any], run_seed: int, out_dir: str, max_retries: int = 2):
+        super().__init__(max_retries)
+        section = GenerateSection.model_validate(cfg)
+        if pick_device(section.device) == "cpu":  # more threads than cores per worker thrash on small machines
+            torch.set_num_threads(max(1, int(section.cpus_per_worker)))
+        self.generator = SampleGenerator(section, run_seed)
+        self.out_dir = Path(out_dir)
+
+    def process(self, unit: dict[str, Any]) -> ShardRecord:
+        prompts = [Prompt(*p) for p in unit["prompts"]]
+        return write_shard(self.out_dir, unit["unit"], self.generator.table(prompts))
+
+
+def plan_units(prompts: list[Prompt], per_unit: int) -> list[dict[str, Any]]:
+    return [
+        {"unit": i, "prompts": [[p.prompt_id, p.text, p.negative_prompt] for p in prompts[lo : lo + per_unit]]}
+        for i, lo in enumerate(range(0, len(prompts), per_unit))
+    ]
+
+
+def run_generate(manifest: Manifest, *, overwrite: bool = False, executor: str | None = None) -> Path:
+    cfg, run = manifest.require("generate"), manifest.run
+    out_path = manifest.stage_dir("generate")
+    prompts, prompt_stats = load_prompts(cfg.prompts, cfg.prompt_column, cfg.dedupe_prompts)
+    prompts_hash = _sha_of_prompts(prompts)
+    out = StageOutput(
+        out_path, kind="samples", stage="generate",
+        config_hash=cfg.content_hash(run_seed=run.seed, prompts=prompts_hash), overwrite=overwrite,
+    )
+    if out.complete:
+        log.info("generate: %s is complete; skipping (use --overwrite to redo it)", out_path)
+        return out_path
+    units = plan_units(prompts, cfg.prompts_per_shard)
+    pending = [units[i] for i in out.pending(len(units))]
+    if len(pending) < len(units):
+        log.info("generate: resuming, %d of %d shards already written", len(units) - len(pending), len(units))
+    res = Resources(
+        executor or run.executor, run.ray_address, cfg.num_workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
+        cfg.max_retries,
+    )
+    kwargs = {"cfg": cfg.model_dump(mode="json"), "run_seed": run.seed, "out_dir": str(out_path)}
+    run_units(GenerateWorker, kwargs, pending, res, desc="generate", rows_of=lambda u: len(u["prompts"]) * cfg.images_per_prompt)
+    features = _features_from_shard(out_path)
+    out.finalize(
+        num_shards=len(units),
+        features=features,
+        config=manifest.model_dump(mode="json", exclude_none=True),
+        stats={"prompts": prompt_stats, "prompts_sha256": prompts_hash, "images_per_prompt": cfg.images_per_prompt},
+    )
+    return out_path
+
+
+def _sha_of_prompts(prompts: list[Prompt]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(f"{p.prompt_id}\t{p.text}\t{p.negative_prompt}\n".encode())
+    return digest.hexdigest()
+
+
+def _features_from_shard(path: Path):
+    """The samples features as written by the workers (the noise shape is only known once a model is loaded)."""
+    import pyarrow.parquet as pq
+    from datasets import Features
+
+    return Features.from_arrow_schema(pq.read_schema(path / "part-00000.parquet"))
+
+
+def regenerate(dataset_dir: str | Path, sample_id_: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Re-run one row from its stored noise (or seed); returns (stored image, regenerated image) as uint8."""
+    from pipeline.readers import decode_png
+    from pipeline.shards import open_dataset
+
+    ds = open_dataset(dataset_dir, kind=("samples", "scored", "labeled"), verify=True)
+    generate_cfg = ds.manifest["config"].get("generate")
+    if generate_cfg is None:
+        raise StageError(f"{ds.path}: its manifest has no generate config to regenerate from")
+    cfg = GenerateSection.model_validate({**generate_cfg, "device": device})
+    row = None
+    for i in range(len(ds.shard_paths)):
+        table = ds.read_shard(i)
+        hit = table.filter(pa.compute.equal(table["sample_id"], sample_id_))
+        if hit.num_rows:
+            row = hit
+            break
+    if row is None:
+        raise StageError(f"{dataset_dir}: no sample with sample_id {sample_id_}")
+    gen = SampleGenerator(cfg, run_seed=0)
+    prompt = Prompt(row["prompt_id"][0].as_py(), row["prompt"][0].as_py(), row["negative_prompt"][0].as_py())
+    seed = row["seed"][0].as_py()
+    noise = None
+    if "noise" in row.column_names:
+        from pipeline.schema import noise_from_arrow
+
+        noise = torch.from_numpy(noise_from_arrow(row["noise"], gen.layout.shape).copy())
+    image = gen.images([prompt], [seed], noise)[0]
+    stored = decode_png(row["image"][0].as_py()["bytes"])
+    return stored, np.asarray(image.convert("RGB"))
