@@ -13,12 +13,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import StageError
-from pipeline.shards import ShardRecord
+from pipeline.shards import PROGRESS_DIR, ShardRecord
 
 log = logging.getLogger("tauflow")
 
@@ -33,28 +34,42 @@ class Resources:
     max_retries: int = 2
 
 
-def _crash_once_for_tests(unit: int) -> None:
-    """Fault injection for the resume tests: TAUFLOW_CRASH_ONCE=<marker>:<unit> kills the worker process the
-    first time it starts that unit (the marker file records that it happened)."""
-    spec = os.environ.get("TAUFLOW_CRASH_ONCE")
+def _crash_for_tests(unit: int) -> None:
+    """Fault injection for the recovery tests: TAUFLOW_TEST_CRASH=<marker>:<unit> kills the worker process
+    when it starts that unit, once (the marker file records it), or every time when <marker> is empty."""
+    spec = os.environ.get("TAUFLOW_TEST_CRASH")
     if spec:
         marker, _, which = spec.rpartition(":")
-        if int(which) == unit and not os.path.exists(marker):
-            open(marker, "w").close()
+        if int(which) == unit and not (marker and os.path.exists(marker)):
+            if marker:
+                open(marker, "w").close()
             os._exit(17)
 
 
 class UnitWorker:
-    """Base of stage workers: `process(unit) -> ShardRecord`; `__call__` is the Ray Data batch UDF."""
+    """Base of stage workers: `process(unit) -> ShardRecord`; `__call__` is the Ray Data batch UDF.
 
-    def __init__(self, max_retries: int = 2):
+    Each start of a unit is counted in `<out_dir>/.progress/attempts-<unit>`, so a unit whose worker process
+    keeps dying (which Ray restarts and retries) also stops after `max_retries` retries.
+    """
+
+    def __init__(self, out_dir: str, max_retries: int = 2):
+        self.out_dir = Path(out_dir)
         self.max_retries = max_retries
+
+    def _count_start(self, unit: int) -> int:
+        counter = self.out_dir / PROGRESS_DIR / f"attempts-{unit}"
+        starts = int(counter.read_text() or 0) + 1 if counter.exists() else 1
+        counter.write_text(str(starts))
+        return starts
 
     def process(self, unit: dict[str, Any]) -> ShardRecord:
         raise NotImplementedError
 
     def run_unit(self, unit: dict[str, Any]) -> ShardRecord:
-        _crash_once_for_tests(unit["unit"])
+        if self._count_start(unit["unit"]) > self.max_retries + 1:
+            raise StageError(f"unit {unit['unit']}: its worker died {self.max_retries + 1} times; giving up")
+        _crash_for_tests(unit["unit"])
         for attempt in range(self.max_retries + 1):
             try:
                 return self.process(unit)
@@ -92,6 +107,11 @@ def init_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
+def forwarded_env() -> dict[str, str]:
+    """Settings that workers must share with the driver (tauflow's own, and HF offline/cache settings)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("TAUFLOW_", "HF_"))}
+
+
 def _ray_records(
     factory: type[UnitWorker], kwargs: dict[str, Any], units: list[dict[str, Any]], res: Resources
 ) -> Iterator[ShardRecord]:
@@ -108,8 +128,7 @@ def _ray_records(
         compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(units))),
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker,
-        max_restarts=res.max_retries,
-        max_task_retries=res.max_retries,
+        runtime_env={"env_vars": forwarded_env()},
     )
     try:
         for row in ds.iter_rows():

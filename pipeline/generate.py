@@ -145,12 +145,11 @@ class GenerateWorker(UnitWorker):
     """Ray Data / local worker: loads the pipeline once, writes one shard per unit of prompts."""
 
     def __init__(self, cfg: dict[str, Any], run_seed: int, out_dir: str, max_retries: int = 2):
-        super().__init__(max_retries)
+        super().__init__(out_dir, max_retries)
         section = GenerateSection.model_validate(cfg)
         if pick_device(section.device) == "cpu":  # more threads than cores per worker thrash on small machines
             torch.set_num_threads(max(1, int(section.cpus_per_worker)))
         self.generator = SampleGenerator(section, run_seed)
-        self.out_dir = Path(out_dir)
 
     def process(self, unit: dict[str, Any]) -> ShardRecord:
         prompts = [Prompt(*p) for p in unit["prompts"]]

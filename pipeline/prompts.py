@@ -53,7 +53,7 @@ def load_prompts(path: str | Path, column: str = "prompt", dedupe: bool = True) 
     """Prompts in file order; blank ones dropped and (by default) repeats removed, both counted."""
     path = Path(path)
     prompts: list[Prompt] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     stats = {"read": 0, "blank": 0, "duplicates": 0}
     for n, row in enumerate(_rows(path, column), 1):
         stats["read"] += 1
@@ -64,11 +64,13 @@ def load_prompts(path: str | Path, column: str = "prompt", dedupe: bool = True) 
             stats["blank"] += 1
             continue
         text = str(text).strip()
-        pid = str(row.get("prompt_id") or prompt_id_of(text))
-        if dedupe and text in seen:
+        repeat = seen.get(text, 0)
+        if dedupe and repeat:
             stats["duplicates"] += 1
             continue
-        seen.add(text)
+        seen[text] = repeat + 1
+        # A kept repeat (dedupe off) is its own prompt: its id also hashes its occurrence number.
+        pid = str(row.get("prompt_id") or prompt_id_of(text if not repeat else f"{text}#{repeat}"))
         prompts.append(Prompt(pid, text, row.get("negative_prompt") or None))
     if not prompts:
         raise StageError(f"{path}: no prompts (read {stats['read']} rows, {stats['blank']} blank)")

@@ -131,7 +131,7 @@ class StageOutput:
             raise DatasetError(f"{self.path}: holds shards of unknown origin; rerun with --overwrite to replace them")
         else:
             write_json_atomic(plan, {"config_hash": config_hash, "kind": kind, "stage": stage})
-        for stale in self.path.glob(".part-*.tmp-*"):
+        for stale in [*self.path.glob(".part-*.tmp-*"), *(self.path / PROGRESS_DIR).glob("attempts-*")]:
             stale.unlink(missing_ok=True)
 
     @property

@@ -1,0 +1,129 @@
+"""Run manifests: validation messages name the file, the key path and the problem; overrides; resolution."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import dump_manifest, load_manifest, parse_manifest
+from pipeline.errors import ManifestError
+
+
+@pytest.fixture
+def base(tmp_path, prompts_file):
+    model = tmp_path / "model"
+    model.mkdir()
+    return {
+        "run": {"name": "x", "output_dir": str(tmp_path / "out"), "seed": 3},
+        "generate": {"model": str(model), "prompts": str(prompts_file)},
+        "score": {"rewards": [{"name": "hps", "kind": "clipscore"}]},
+        "threshold": {"reward": "hps", "percentile": 50, "mode": "global", "c": 5.0},
+        "pair": {"reward": "hps", "strategy": "best_worst"},
+    }
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+
+BAD = [
+    ("run.bogus", 1, "run.bogus: unknown key"),
+    ("generate.images_per_prompt", 0, "generate.images_per_prompt: Input should be greater than 0"),
+    ("generate.num_inference_steps", -5, "generate.num_inference_steps: Input should be greater than 0"),
+    ("generate.height", "tall", "generate.height: Input should be a valid integer"),
+    ("generate.noise_dtype", "int8", "generate.noise_dtype: Input should be 'float16' or 'float32'"),
+    ("generate.prompts", "/no/such/prompts.txt", "generate.prompts: path does not exist"),
+    ("generate.model", "./no/such/model", "generate.model: local model path does not exist"),
+    ("threshold.percentile", 100, "threshold.percentile: Input should be less than 100"),
+    ("threshold.percentile", 0, "threshold.percentile: Input should be greater than 0"),
+    ("threshold.c", -1.0, "threshold.c: Input should be greater than or equal to 0"),
+    ("threshold.mode", "median", "threshold.mode: Input should be 'global', 'per_prompt' or 'shrunk'"),
+    ("pair.strategy", "random", "pair.strategy: Input should be 'best_worst', 'all' or 'top_bottom_k'"),
+    ("pair.min_gap", -0.1, "pair.min_gap: Input should be greater than or equal to 0"),
+    ("run.name", _DELETE, "run.name: required key is missing"),
+    ("score.rewards.0.name", "has space", "score.rewards.0.name: String should match pattern"),
+    ("run.seed", -1, "run.seed: Input should be greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD, ids=[b[0] + "=" + str(b[1]) for b in BAD])
+def test_bad_manifest_names_file_key_and_problem(tmp_path, base, key, value, message):
+    path = _write(tmp_path, _set(base, key, value))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert f"{path}: {message}" in str(err.value)
+
+
+def test_duplicate_reward_names_are_refused(tmp_path, base):
+    base["score"]["rewards"].append({"name": "hps", "kind": "pickscore"})
+    with pytest.raises(ManifestError, match=r"score: reward names must be unique, repeated: \['hps'\]"):
+        load_manifest(_write(tmp_path, base))
+
+
+def test_threshold_needs_exactly_one_score_source(tmp_path, base):
+    base["threshold"]["composite"] = {"weights": {"hps": 1.0}}
+    with pytest.raises(ManifestError, match="threshold: give exactly one of 'reward' or 'composite'"):
+        load_manifest(_write(tmp_path, base))
+
+
+def test_every_problem_is_reported_at_once(tmp_path, base):
+    base["generate"]["height"] = 0
+    base["pair"]["k"] = 0
+    with pytest.raises(ManifestError) as err:
+        load_manifest(_write(tmp_path, base))
+    assert "generate.height" in str(err.value) and "pair.k" in str(err.value)
+
+
+def test_missing_empty_and_malformed_files(tmp_path):
+    with pytest.raises(ManifestError, match="no such manifest file"):
+        load_manifest(tmp_path / "absent.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ManifestError, match="empty.yaml: the manifest is empty"):
+        load_manifest(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("run: {name: x\n  output_dir: y")
+    with pytest.raises(ManifestError, match=r"bad.yaml: line \d+, column \d+: invalid YAML"):
+        load_manifest(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ManifestError, match="list.yaml: a manifest must be a YAML mapping, got list"):
+        load_manifest(tmp_path / "list.yaml")
+
+
+def test_dotted_overrides_are_parsed_as_yaml_and_validated(tmp_path, base):
+    path = _write(tmp_path, base)
+    m = load_manifest(path, ["generate.images_per_prompt=4", "threshold.mode=per_prompt", "run.executor=local"])
+    assert m.generate.images_per_prompt == 4 and m.threshold.mode == "per_prompt" and m.run.executor == "local"
+    with pytest.raises(ManifestError, match="generate.images_per_prompt: Input should be greater than 0"):
+        load_manifest(path, ["generate.images_per_prompt=0"])
+    with pytest.raises(ManifestError, match="override 'oops' is not of the form key.path=value"):
+        load_manifest(path, ["oops"])
+
+
+def test_resolved_manifest_round_trips(tmp_path, base):
+    m = load_manifest(_write(tmp_path, base))
+    again = parse_manifest(yaml.safe_load(dump_manifest(m)))
+    assert again.model_dump() == m.model_dump()
+    assert m.stage_dir("generate").name == "samples" and m.stage_dir("threshold").name == "labeled"
+
+
+def test_content_hash_ignores_execution_settings_only(tmp_path, base):
+    m = load_manifest(_write(tmp_path, base))
+    more_workers = m.generate.model_copy(update={"num_workers": 8, "max_retries": 5})
+    more_images = m.generate.model_copy(update={"images_per_prompt": 9})
+    assert more_workers.content_hash() == m.generate.content_hash()
+    assert more_images.content_hash() != m.generate.content_hash()
