@@ -78,3 +78,24 @@ def write_kind(path: Path, kind: str, shards: int = 2, rows: int = 6) -> Path:
 
     out.finalize(num_shards=shards, features=Features.from_arrow_schema(tables[0].schema), config={"kind": kind})
     return path
+
+
+def scored_dataset(path: Path, per_prompt: list[dict[str, list[float]]], shards: list[list[int]] | None = None) -> Path:
+    """A scored dataset: per_prompt[i] maps reward -> the K scores of prompt i; `shards` lists prompt indices per
+    shard (default: one shard). Sample ids are f"p{i}-{k}"; noise is random and recorded."""
+    rewards = list(per_prompt[0])
+    features = scored_features(samples_features(NOISE_SHAPE), rewards)
+    shards = shards or [list(range(len(per_prompt)))]
+    out = StageOutput(path, kind="scored", stage="score", config_hash="scored")
+    for s, prompt_indices in enumerate(shards):
+        rows = [(i, k) for i in prompt_indices for k in range(len(per_prompt[i][rewards[0]]))]
+        table, _ = samples_table(len(rows), seed=s)
+        table = table.set_column(0, "sample_id", pa.array([f"p{i}-{k}" for i, k in rows]))
+        table = table.set_column(1, "prompt_id", pa.array([f"p{i}" for i, _ in rows]))
+        table = table.set_column(2, "prompt", pa.array([f"prompt {i}" for i, _ in rows]))
+        table = table.set_column(4, "sample_index", pa.array([k for _, k in rows], pa.int32()))
+        for r in rewards:
+            table = table.append_column(f"score_{r}", pa.array([per_prompt[i][r][k] for i, k in rows], pa.float32()))
+        out.write(s, table.cast(features.arrow_schema))
+    out.finalize(num_shards=len(shards), features=features, config={})
+    return path
