@@ -108,10 +108,14 @@ class RewardSpec(Section):
 
 
 class ScoreSection(Section):
-    EXECUTION_FIELDS = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker", "batch_size", "device"})
+    EXECUTION_FIELDS = frozenset(
+        {"num_workers", "cpus_per_worker", "gpus_per_worker", "batch_size", "device", "one_at_a_time", "max_retries"}
+    )
 
     rewards: list[RewardSpec] = Field(min_length=1)
     batch_size: int = Field(16, gt=0)
+    one_at_a_time: bool = False
+    max_retries: int = Field(2, ge=0)
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)

@@ -73,6 +73,8 @@ class UnitWorker:
         for attempt in range(self.max_retries + 1):
             try:
                 return self.process(unit)
+            except StageError:
+                raise  # bad input: retrying cannot help
             except Exception as err:
                 if attempt == self.max_retries:
                     raise StageError(f"unit {unit['unit']} failed after {attempt + 1} attempts: {err!r}") from err

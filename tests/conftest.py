@@ -70,3 +70,11 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_rewards(tmp_path_factory) -> dict[str, dict]:
+    """kind -> reward spec (without name) of a tiny saved model of that kind."""
+    from tiny_rewards import reward_specs
+
+    return reward_specs(tmp_path_factory.mktemp("rewards"))

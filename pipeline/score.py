@@ -1,0 +1,125 @@
+"""Score stage: every image of a samples dataset scored by the manifest's reward bank.
+
+The scored dataset keeps every sample column (images and noise stay reachable without a join) and adds one
+float32 column `score_<name>` per reward. Input shard i becomes output shard i. Run again with more rewards
+listed, it scores only the new ones and replaces the dataset atomically with the widened one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import Manifest, RewardSpec
+from pipeline.errors import StageError
+from pipeline.executor import Resources, UnitWorker, run_units
+from pipeline.generate import pick_device
+from pipeline.schema import score_column, scored_features
+from pipeline.shards import ShardRecord, StageOutput, open_dataset, write_shard
+
+log = logging.getLogger("tauflow")
+
+
+def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Any]:
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(v["bytes"])) for v in column.to_pylist()]
+
+
+class ScoreWorker(UnitWorker):
+    """Loads the bank once; scores one input shard per unit and writes the widened shard."""
+
+    def __init__(self, specs: list[dict], source: str, out_dir: str, batch_size: int, device: str,
+                 one_at_a_time: bool, cpus_per_worker: float, max_retries: int = 2):
+        super().__init__(out_dir, max_retries)
+        from rewards.bank import RewardBank
+
+        device = pick_device(device)
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cpus_per_worker)))
+        self.bank = RewardBank([RewardSpec.model_validate(s) for s in specs], device, one_at_a_time)
+        self.source = open_dataset(source)
+        self.features = scored_features(self.source.features, [s["name"] for s in specs])
+        self.batch_size = batch_size
+
+    def process(self, unit: dict[str, Any]) -> ShardRecord:
+        table = self.source.read_shard(unit["unit"])
+        n, bs = table.num_rows, self.batch_size
+
+        def batches():
+            for lo in range(0, n, bs):
+                part = table.slice(lo, bs)
+                yield decode_images(part["image"]), part["prompt"].to_pylist()
+
+        scores = self.bank.score_batches(batches)
+        for name, values in scores.items():
+            bad = ~np.isfinite(values)
+            if bad.any():
+                ids = np.asarray(table["sample_id"])[bad][:5].tolist()
+                raise StageError(f"reward {name} gave NaN/inf for {int(bad.sum())} samples of {self.source.shard_paths[unit['unit']].name}: {ids}")
+            table = table.append_column(score_column(name), pa.array(values))
+        return write_shard(self.out_dir, unit["unit"], table.cast(self.features.arrow_schema))
+
+
+def reward_stats(values: np.ndarray) -> dict[str, float]:
+    q = np.percentile(values, [0, 5, 25, 50, 75, 95, 100])
+    return {"mean": float(values.mean()), "std": float(values.std()),
+            **dict(zip(["min", "p5", "p25", "p50", "p75", "p95", "max"], map(float, q)))}
+
+
+def run_score(manifest: Manifest, *, overwrite: bool = False, executor: str | None = None) -> Path:
+    cfg, run = manifest.require("score"), manifest.run
+    scored_dir = manifest.stage_dir("score")
+    specs = {s.name: s.model_dump(mode="json") for s in cfg.rewards}
+    existing = open_dataset(scored_dir, kind="scored", verify=True) if (scored_dir / "manifest.json").exists() and not overwrite else None
+    if existing is not None:
+        have = existing.stats.get("reward_specs", {})
+        changed = [n for n in specs if n in have and have[n] != specs[n]]
+        if changed:
+            raise StageError(f"{scored_dir}: rewards {changed} were scored with a different spec; rerun with --overwrite")
+        new = [s for s in cfg.rewards if s.name not in have]
+        if not new:
+            log.info("score: %s already has every reward; skipping (use --overwrite to redo it)", scored_dir)
+            return scored_dir
+        source, target, all_specs = existing, scored_dir.with_name(scored_dir.name + ".adding"), {**have, **specs}
+        log.info("score: adding rewards %s to %s", [s.name for s in new], scored_dir)
+    else:
+        source = open_dataset(manifest.stage_dir("generate"), kind="samples", verify=True)
+        target, new, all_specs = scored_dir, list(cfg.rewards), specs
+    config_hash = cfg.content_hash(input=source.manifest["config_hash"], rewards=all_specs)
+    out = StageOutput(target, kind="scored", stage="score", config_hash=config_hash, overwrite=overwrite)
+    num = len(source.shard_paths)
+    units = [{"unit": i, "rows": s["rows"]} for i, s in enumerate(source.manifest["shards"])]
+    pending = [units[i] for i in out.pending(num)]
+    res = Resources(executor or run.executor, run.ray_address, cfg.num_workers, cfg.cpus_per_worker,
+                    cfg.gpus_per_worker, cfg.max_retries)
+    kwargs = {"specs": [s.model_dump(mode="json") for s in new], "source": str(source.path), "out_dir": str(target),
+              "batch_size": cfg.batch_size, "device": cfg.device, "one_at_a_time": cfg.one_at_a_time,
+              "cpus_per_worker": cfg.cpus_per_worker}
+    run_units(ScoreWorker, kwargs, pending, res, desc="score", rows_of=lambda u: u["rows"])
+    features = scored_features(source.features, [s.name for s in new])
+    columns = [c for c in features if c.startswith("score_")]
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(target / f"part-{i:05d}.parquet", columns=columns) for i in range(num)])
+    stats = {
+        "rewards": {c.removeprefix("score_"): reward_stats(table[c].to_numpy()) for c in columns},
+        "reward_specs": all_specs,
+    }
+    out.finalize(num_shards=num, features=features, config=manifest.model_dump(mode="json", exclude_none=True),
+                 inputs=[manifest.stage_dir("generate")], stats=stats)
+    if target != scored_dir:  # swap the widened dataset in
+        old = scored_dir.with_name(f".{scored_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(scored_dir, old)
+        os.rename(target, scored_dir)
+        shutil.rmtree(old)
+    return scored_dir
