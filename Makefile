@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 TAUFLOW := $(VENV)/bin/tauflow
 STAGES := validate generate score threshold pair train eval run
 
-.PHONY: install demo test bench inspect regenerate $(STAGES)
+.PHONY: install demo world test bench inspect regenerate $(STAGES)
 
 install: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: $(STAMP)
+	$(TAUFLOW) world runs/world
 	$(TAUFLOW) run manifests/demo.yaml $(ARGS)
 
 test: $(STAMP)
@@ -29,6 +30,9 @@ bench: $(STAMP)
 
 $(STAGES): $(STAMP)
 	$(TAUFLOW) $@ $(MANIFEST) $(ARGS)
+
+world: $(STAMP)
+	$(TAUFLOW) world runs/world $(ARGS)
 
 inspect regenerate: $(STAMP)
 	$(TAUFLOW) $@ $(ARGS)

@@ -92,6 +92,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(describe(Path(args.dataset), verify=args.verify, rows=args.rows))
 
 
+def cmd_world(args: argparse.Namespace) -> None:
+    from pipeline.digits_world import build_world
+
+    path = build_world(args.directory, seed=args.seed)
+    print(f"world: {path}")
+
+
 def cmd_regenerate(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -136,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-hash every shard against the manifest")
     p.add_argument("--rows", type=int, default=3, help="rows to show")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("world", help="build (or reuse) the embedded digits world used by manifests/demo.yaml")
+    p.add_argument("directory", nargs="?", default="runs/world", help="where to build it (default: runs/world)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("regenerate", help="re-run one sample from its stored noise and compare with its image")
     p.add_argument("dataset", help="samples (or scored/labeled) dataset directory")

@@ -84,6 +84,7 @@ class GenerateSection(Section):
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     noise_dtype: Literal["float16", "float32"] = "float16"
     scheduler: str | None = None
+    pipeline_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra __call__ arguments, e.g. max_sequence_length
     prompts_per_shard: int = Field(64, gt=0)
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, ge=0)

@@ -100,6 +100,7 @@ class SampleGenerator:
             height=cfg.height,
             width=cfg.width,
             output_type="pil",
+            **cfg.pipeline_kwargs,
             **self.layout.call_kwargs(noise, seeds),
         )
         return out.images

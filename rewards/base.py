@@ -111,16 +111,17 @@ def check_tokenizer(tokenizer: Any, ref: str) -> None:
 
 def _registry() -> dict[str, Callable[[RewardSpec], Any]]:
     from rewards.clip_hf import AestheticV2, ClipScore, PickScore
+    from rewards.digits import DigitReward
     from rewards.hps import HPSv2
     from rewards.image_reward import ImageReward
 
     return {
         "hpsv2": HPSv2, "hpsv2.1": HPSv2, "imagereward": ImageReward, "pickscore": PickScore,
-        "aesthetic": AestheticV2, "clipscore": ClipScore,
+        "aesthetic": AestheticV2, "clipscore": ClipScore, "digit": DigitReward,
     }
 
 
-BUILTIN_KINDS = ("hpsv2", "hpsv2.1", "imagereward", "pickscore", "aesthetic", "clipscore")
+BUILTIN_KINDS = ("hpsv2", "hpsv2.1", "imagereward", "pickscore", "aesthetic", "clipscore", "digit")
 
 
 def build_reward(spec: RewardSpec) -> Reward:

@@ -83,7 +83,7 @@ def test_center_crop_by_hand():
 
 def test_fitted_model_scores_the_matching_prompt_higher(tmp_path):
     """A tiny CLIP fitted to two image-text pairs: each image scores above with its own prompt."""
-    from tiny_models import clip_tokenizer
+    from pipeline.offline_tokenizers import clip_tokenizer
     from tiny_rewards import build_hf_clip, save_hf_clip
     from transformers import CLIPImageProcessor
 

@@ -1,37 +1,15 @@
 """Tiny random-weight pipelines of every supported family, built from configs and saved to a directory.
 
-The tokenizers are real: the CLIP BPE vocabulary ships inside open_clip, so a full 49,408-token
-CLIPTokenizer is built offline; the T5 tokenizer is built from an explicit small vocabulary.
+The tokenizers are real (see pipeline.offline_tokenizers).
 """
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import torch
 
-
-@cache
-def clip_tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    simple = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(tok, tok): i for tok, i in simple.encoder.items()}
-    merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-@cache
-def t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(f"▁{w}", -float(i)) for i, w in enumerate("a an the of handwritten digit photo cat dog red blue zero one two three four five six seven eight nine".split())]
-    pieces += [(c, -100.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return T5Tokenizer(vocab=pieces, unk_id=2, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+from pipeline.offline_tokenizers import clip_tokenizer, t5_tokenizer
 
 
 def _clip_text(hidden: int = 32, projection: int | None = None, layers: int = 1):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from tiny_models import clip_tokenizer
+from pipeline.offline_tokenizers import clip_tokenizer
 
 HPS_CONFIG = {
     "embed_dim": 16,
