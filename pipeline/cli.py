@@ -43,6 +43,10 @@ def _stage_runner(stage: str) -> Callable[..., Path]:
         from pipeline.pair import run_pair
 
         return run_pair
+    if stage == "train":
+        from trainer.recipe import train
+
+        return train
     raise TauflowError(f"the '{stage}' stage is not available in this version of tauflow")
 
 
@@ -51,12 +55,15 @@ def _save_resolved(manifest: Manifest) -> None:
     write_bytes_atomic(manifest.output_dir / "manifest.resolved.yaml", dump_manifest(manifest).encode())
 
 
-def run_stage(manifest: Manifest, stage: str, *, overwrite: bool = False, executor: str | None = None) -> Path:
+def run_stage(manifest: Manifest, stage: str, *, overwrite: bool = False, executor: str | None = None,
+              resume: str | None = None) -> Path:
     manifest.require(stage)
     _save_resolved(manifest)
-    kwargs = {"overwrite": overwrite}
+    kwargs: dict = {"overwrite": overwrite}
     if stage in ("generate", "score"):
         kwargs["executor"] = executor
+    if stage == "train":
+        kwargs["resume"] = resume
     return _stage_runner(stage)(manifest, **kwargs)
 
 
@@ -64,7 +71,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     manifest = load_manifest(args.manifest, args.overrides)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    path = run_stage(manifest, args.command, overwrite=args.overwrite, executor=args.executor)
+    path = run_stage(manifest, args.command, overwrite=args.overwrite, executor=args.executor,
+                     resume=getattr(args, "resume", None))
     print(f"{args.command}: {path}")
 
 
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
         p.add_argument("--executor", choices=["ray", "local"], help="override run.executor")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+        if stage == "train":
+            p.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
         p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("run", help="all configured stages in order, skipping completed ones")

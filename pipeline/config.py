@@ -178,23 +178,57 @@ class PairSection(Section):
     external: ExternalPairs | None = None
 
 
+class LoraSpec(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class DynamicBetaSpec(Section):
+    """PNAPO's beta_t = beta_0 * g(gap) * h(progress); see trainer/losses/pnapo.py."""
+
+    gap: bool = True
+    schedule: bool = True
+    gap_strength: float = Field(1.0, ge=0)
+    start: float = Field(0.5, gt=0, le=1)
+    ramp: float = Field(0.5, gt=0, le=1)
+
+
 class TrainSection(Section):
-    EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit"})
+    EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
 
     method: Literal["tgo", "pnapo", "dpo", "kto", "sft"]
-    model: str | None = None
-    beta: float = Field(1.0, gt=0)
+    model: str | None = None  # default: generate.model (the policy starts from, and the reference is, it)
+    data: Path | None = None  # default: the run's labeled (tgo, kto, sft) or pairs (pnapo, dpo) dataset
+    beta: float | None = Field(None, gt=0)  # default per method: tgo 1, pnapo/dpo/kto 2000 (flow) or 5000 (diffusion)
     temperature: float = Field(0.001, gt=0)
+    dynamic_beta: DynamicBetaSpec = Field(default_factory=DynamicBetaSpec)
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
     max_steps: int = Field(100, gt=0)
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0)  # global batch, split over processes
+    gradient_accumulation_steps: int = Field(1, gt=0)
     learning_rate: float = Field(1e-5, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    lora: LoraSpec | None = None
+    reference_device: Literal["same", "cpu"] = "same"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    cache: bool = True  # cache latents and text embeddings per sample/prompt (frozen encoders)
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     checkpoint_limit: int = Field(2, gt=0)
     seed: int = Field(0, ge=0)
 
     _model_exists = field_validator("model")(ModelRef.check)
+    _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
 
 
 class EvalSection(Section):

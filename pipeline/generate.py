@@ -45,8 +45,9 @@ def check_tokenizers(pipe: Any, ref: str) -> None:
             raise StageError(f"{ref}: {name} has only {len(tok)} tokens: its files were not found (offline?)")
 
 
-def load_pipeline(cfg: GenerateSection, device: str) -> Any:
-    """`DiffusionPipeline.from_pretrained` with the manifest's options, scheduler override and checks."""
+def load_model(ref: str, *, revision: str | None = None, variant: str | None = None, torch_dtype: str = "float32",
+               local_files_only: bool = False, trust_remote_code: bool = False, device: str = "cpu") -> Any:
+    """`DiffusionPipeline.from_pretrained` for a hub id or local dir, with the empty-tokenizer guard."""
     import diffusers
     import transformers
 
@@ -54,23 +55,28 @@ def load_pipeline(cfg: GenerateSection, device: str) -> Any:
     transformers.utils.logging.disable_progress_bar()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            cfg.model,
-            revision=cfg.revision,
-            variant=cfg.variant,
-            torch_dtype=DTYPES[cfg.torch_dtype],
-            local_files_only=cfg.local_files_only,
-            trust_remote_code=cfg.trust_remote_code,
+            ref, revision=revision, variant=variant, torch_dtype=DTYPES[torch_dtype],
+            local_files_only=local_files_only, trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
-        raise StageError(f"{cfg.model}: cannot load the pipeline: {err}") from None
-    check_tokenizers(pipe, cfg.model)
+        raise StageError(f"{ref}: cannot load the pipeline: {err}") from None
+    check_tokenizers(pipe, ref)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_pipeline(cfg: GenerateSection, device: str) -> Any:
+    """The generate section's pipeline: `load_model` plus the scheduler override."""
+    import diffusers
+
+    pipe = load_model(cfg.model, revision=cfg.revision, variant=cfg.variant, torch_dtype=cfg.torch_dtype,
+                      local_files_only=cfg.local_files_only, trust_remote_code=cfg.trust_remote_code, device=device)
     if cfg.scheduler:
         scheduler_cls = getattr(diffusers, cfg.scheduler, None)
         if scheduler_cls is None:
             raise StageError(f"generate.scheduler: diffusers has no scheduler class '{cfg.scheduler}'")
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device(cfg.device))
+    return pipe
 
 
 def encode_png(image: Any) -> bytes:
