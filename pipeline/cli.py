@@ -47,6 +47,10 @@ def _stage_runner(stage: str) -> Callable[..., Path]:
         from trainer.recipe import train
 
         return train
+    if stage == "eval":
+        from pipeline.evaluation import run_eval
+
+        return run_eval
     raise TauflowError(f"the '{stage}' stage is not available in this version of tauflow")
 
 

@@ -234,8 +234,11 @@ class TrainSection(Section):
 class EvalSection(Section):
     prompts: Path
     images_per_prompt: int = Field(4, gt=0)
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)  # pipeline or LoRA dirs; default: every finished train output
+    rewards: list[RewardSpec] = Field(default_factory=list)  # scored in addition to score.rewards (held-out rewards)
     bootstrap: int = Field(1000, gt=0)
+    grid_prompts: int = Field(6, ge=0)
+    seed: int = Field(1, ge=0)  # prior noises follow the generate seed rule with this run seed
 
     _prompts_exist = field_validator("prompts")(_existing_path)
 

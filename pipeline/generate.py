@@ -88,9 +88,9 @@ def encode_png(image: Any) -> bytes:
 class SampleGenerator:
     """A loaded pipeline that turns (prompt, sample_index) rows into a samples table."""
 
-    def __init__(self, cfg: GenerateSection, run_seed: int):
+    def __init__(self, cfg: GenerateSection, run_seed: int, pipe: Any = None):
         self.cfg, self.run_seed = cfg, run_seed
-        self.pipe = load_pipeline(cfg, pick_device(cfg.device))
+        self.pipe = pipe if pipe is not None else load_pipeline(cfg, pick_device(cfg.device))
         self.layout = NoiseLayout(self.pipe, cfg.height, cfg.width)
         self.features = samples_features(self.layout.shape, cfg.noise_dtype)
         self.encoder = ThreadPoolExecutor(max_workers=1)  # PNG encoding overlaps the next batch

@@ -1,0 +1,142 @@
+"""Eval stage: fixed-noise before/after comparison of the base model and tuned models on held-out prompts.
+
+Every model generates from the same prompts and the same prior noises (the generate stage's seed rule, with
+`eval.seed` as the run seed), K samples per prompt, so each tuned sample has a base twin. Every reward of the
+manifest scores them, including rewards training never saw (`eval.rewards`, e.g. a held-out classifier).
+
+Per model and reward: the mean with a 95% bootstrap CI, and against the base: the paired delta and win rate
+(a tie, |a - b| <= 1e-6, counts as half a win and is reported) with 95% CIs. Bootstrap resamples prompts
+(a prompt's K samples move together). Drift is the mean absolute pixel difference (in [0, 1]) between a tuned
+image and its base twin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import GenerateSection, Manifest, RewardSpec
+from pipeline.errors import StageError
+from pipeline.generate import SampleGenerator, load_model, pick_device
+from pipeline.prompts import load_prompts
+from pipeline.readers import decode_png
+from pipeline.shards import write_json_atomic
+
+log = logging.getLogger("tauflow")
+TIE = 1e-6
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    path: str
+    format: str  # "base", "pipeline" or "lora"
+
+
+def discover_models(manifest: Manifest) -> list[Model]:
+    gen = manifest.require("generate")
+    models = [Model("base", gen.model, "base")]
+    cfg = manifest.require("eval")
+    if cfg.models:
+        for ref in cfg.models:
+            path = Path(ref)
+            fmt = "lora" if (path / "pytorch_lora_weights.safetensors").exists() else "pipeline"
+            models.append(Model(path.parent.name if path.name in ("lora", "pipeline") else path.name, ref, fmt))
+        return models
+    for done in sorted((manifest.output_dir / "train").glob("*/done.json")):
+        info = json.loads(done.read_text())
+        models.append(Model(info["method"], info["final"], info["format"]))
+    if len(models) == 1:
+        raise StageError(f"{manifest.source}: nothing to compare: no eval.models and no finished training under "
+                         f"{manifest.output_dir / 'train'}")
+    return models
+
+
+def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
+    ref = gen.model if model.format in ("base", "lora") else model.path
+    pipe = load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device)
+    if model.format == "lora":
+        pipe.load_lora_weights(model.path)
+    return pipe
+
+
+def cluster_bootstrap(values: np.ndarray, draws: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% CI of the mean of a (prompts, K) array, resampling prompts."""
+    idx = rng.integers(0, len(values), size=(draws, len(values)))
+    means = values[idx].mean(axis=(1, 2))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired(tuned: np.ndarray, base: np.ndarray, draws: int, rng: np.random.Generator) -> dict[str, Any]:
+    diff = tuned - base
+    wins = np.where(np.abs(diff) <= TIE, 0.5, (diff > 0).astype(np.float64))
+    return {
+        "delta": float(diff.mean()), "delta_ci": cluster_bootstrap(diff, draws, rng),
+        "win_rate": float(wins.mean()), "win_ci": cluster_bootstrap(wins, draws, rng),
+        "wins": int((diff > TIE).sum()), "ties": int((np.abs(diff) <= TIE).sum()), "losses": int((diff < -TIE).sum()),
+    }
+
+
+def _pixels(pngs: list[bytes]) -> np.ndarray:
+    return np.stack([decode_png(b) for b in pngs]).astype(np.float32) / 255.0
+
+
+def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
+    from rewards.bank import RewardBank
+
+    cfg, gen = manifest.require("eval"), manifest.require("generate")
+    out = manifest.output_dir / "eval"
+    if (out / "results.json").exists() and not overwrite:
+        log.info("eval: %s is complete; skipping (use --overwrite to redo it)", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    prompts, _ = load_prompts(cfg.prompts, gen.prompt_column, dedupe=False)
+    k = cfg.images_per_prompt
+    eval_gen = gen.model_copy(update={"images_per_prompt": k})
+    train_rewards = list(manifest.score.rewards) if manifest.score else []
+    specs: list[RewardSpec] = train_rewards + [r for r in cfg.rewards if r.name not in {s.name for s in train_rewards}]
+    if not specs:
+        raise StageError(f"{manifest.source}: eval needs rewards (score.rewards or eval.rewards)")
+    device = pick_device(gen.device)
+    bank = RewardBank(specs, device)
+    models = discover_models(manifest)
+    results: dict[str, Any] = {
+        "prompts": str(cfg.prompts), "n_prompts": len(prompts), "images_per_prompt": k, "seed": cfg.seed,
+        "rewards": [s.name for s in specs], "training_rewards": [s.name for s in train_rewards],
+        "heldout_rewards": [s.name for s in specs if s not in train_rewards], "models": [],
+    }
+    images: dict[str, list[bytes]] = {}
+    base_scores: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(cfg.seed)
+    for model in models:
+        log.info("eval: generating and scoring %s", model.name)
+        sampler = SampleGenerator(eval_gen, cfg.seed, pipe=load_for_eval(model, eval_gen, device))
+        table = sampler.table(prompts)
+        pngs = [v["bytes"] for v in table["image"].to_pylist()]
+        images[model.name] = pngs
+        from pipeline.score import decode_images
+
+        scores = bank.score_batches(lambda t=table: [(decode_images(t["image"]), t["prompt"].to_pylist())])
+        entry: dict[str, Any] = {"name": model.name, "format": model.format, "path": model.path, "rewards": {}}
+        for name, values in scores.items():
+            grid = values.reshape(len(prompts), k).astype(np.float64)
+            entry["rewards"][name] = {"mean": float(grid.mean()), "ci": cluster_bootstrap(grid, cfg.bootstrap, rng)}
+            if model.name == "base":
+                base_scores[name] = grid
+            else:
+                entry["rewards"][name]["vs_base"] = paired(grid, base_scores[name], cfg.bootstrap, rng)
+        if model.name != "base":
+            entry["drift"] = float(np.abs(_pixels(pngs) - _pixels(images["base"])).mean())
+        results["models"].append(entry)
+        results.setdefault("scores", {})[model.name] = {n: v.tolist() for n, v in scores.items()}
+    write_json_atomic(out / "results.json", results)
+    from pipeline.report import write_report
+
+    write_report(manifest, results, images, out)
+    return out

@@ -1,0 +1,78 @@
+"""Eval: a model against itself is a tie everywhere; the report shows exactly results.json; the HTML renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import write_manifest
+
+from pipeline.config import load_manifest
+from pipeline.evaluation import cluster_bootstrap, paired, run_eval
+from pipeline.report import fmt_ci
+
+
+@pytest.fixture(scope="module")
+def self_eval(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("eval")
+    (root / "eval.txt").write_text("a red cat\na blue dog\nan orange fox\n")
+    model = str(tiny_model("sd3"))
+    data = {
+        "run": {"name": "ev", "output_dir": str(root / "out"), "executor": "local"},
+        "generate": {"model": model, "prompts": str(root / "eval.txt"), "num_inference_steps": 2, "height": 16,
+                     "width": 16, "batch_size": 6, "guidance_scale": 2.0},
+        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
+        "eval": {"prompts": str(root / "eval.txt"), "images_per_prompt": 2, "models": [model], "bootstrap": 200},
+    }
+    manifest = load_manifest(write_manifest(root / "m.yaml", data))
+    return run_eval(manifest), manifest
+
+
+def test_model_against_itself_is_all_ties(self_eval):
+    out, _ = self_eval
+    results = json.loads((out / "results.json").read_text())
+    tuned = results["models"][1]
+    vs = tuned["rewards"]["bright"]["vs_base"]
+    assert vs["delta"] == 0 and vs["delta_ci"] == [0, 0]
+    assert vs["win_rate"] == 0.5 and vs["ties"] == 6 and vs["wins"] == vs["losses"] == 0
+    assert tuned["drift"] == 0
+
+
+def test_report_shows_the_numbers_of_results_json(self_eval):
+    out, _ = self_eval
+    results = json.loads((out / "results.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for model in results["models"]:
+        r = model["rewards"]["bright"]
+        assert fmt_ci(r["mean"], r["ci"]) in md and fmt_ci(r["mean"], r["ci"]) in page
+        mean = np.mean(results["scores"][model["name"]]["bright"])
+        assert r["mean"] == pytest.approx(mean)
+    assert (out / "grid.png").stat().st_size > 0 and "data:image/png;base64," in page
+
+
+def test_paired_statistics_by_hand():
+    rng = np.random.default_rng(0)
+    base = np.array([[0.1, 0.2], [0.3, 0.4]])
+    tuned = np.array([[0.2, 0.2], [0.1, 0.5]])
+    s = paired(tuned, base, 500, rng)
+    assert s["delta"] == pytest.approx(0.0) and s["wins"] == 2 and s["ties"] == 1 and s["losses"] == 1
+    assert s["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    lo, hi = cluster_bootstrap(np.ones((3, 2)), 100, rng)
+    assert lo == hi == 1.0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_html_report_renders_in_headless_chromium(self_eval, tmp_path):
+    from PIL import Image
+
+    out, _ = self_eval
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1100,900", f"file://{out / 'report.html'}"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 5  # not a blank page: text, table and images drew
