@@ -68,7 +68,19 @@ def run_stage(manifest: Manifest, stage: str, *, overwrite: bool = False, execut
         kwargs["executor"] = executor
     if stage == "train":
         kwargs["resume"] = resume
+        paths = [_stage_runner(stage)(job, **kwargs) for job in train_jobs(manifest)]
+        return paths[0].parent if len(paths) > 1 else paths[0]
     return _stage_runner(stage)(manifest, **kwargs)
+
+
+def train_jobs(manifest: Manifest) -> list[Manifest]:
+    """The manifest once per training method (train.methods), each with a single-method train section."""
+    jobs = []
+    for section in manifest.require("train").jobs():
+        job = manifest.model_copy(update={"train": section})
+        job._source = manifest.source
+        jobs.append(job)
+    return jobs
 
 
 def cmd_stage(args: argparse.Namespace) -> None:

@@ -197,7 +197,9 @@ class DynamicBetaSpec(Section):
 class TrainSection(Section):
     EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
 
-    method: Literal["tgo", "pnapo", "dpo", "kto", "sft"]
+    method: Literal["tgo", "pnapo", "dpo", "kto", "sft"] | None = None
+    methods: list[Literal["tgo", "pnapo", "dpo", "kto", "sft"]] | None = None  # several, same budget
+    per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)  # e.g. {tgo: {beta: 0.2}}
     model: str | None = None  # default: generate.model (the policy starts from, and the reference is, it)
     data: Path | None = None  # default: the run's labeled (tgo, kto, sft) or pairs (pnapo, dpo) dataset
     beta: float | None = Field(None, gt=0)  # default per method: tgo 1, pnapo/dpo/kto 2000 (flow) or 5000 (diffusion)
@@ -229,6 +231,21 @@ class TrainSection(Section):
 
     _model_exists = field_validator("model")(ModelRef.check)
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
+
+    @model_validator(mode="after")
+    def _one_way_to_name_methods(self) -> TrainSection:
+        if (self.method is None) == (self.methods is None):
+            raise ValueError("give exactly one of 'method' or 'methods'")
+        unknown = sorted(set(self.per_method) - set(self.methods or [self.method]))
+        if unknown:
+            raise ValueError(f"per_method names methods that are not trained: {unknown}")
+        return self
+
+    def jobs(self) -> list[TrainSection]:
+        """One single-method section per method, with its per_method overrides applied."""
+        base = self.model_dump(exclude={"methods", "per_method", "method"})
+        return [TrainSection.model_validate({**base, **self.per_method.get(m, {}), "method": m})
+                for m in (self.methods or [self.method])]
 
 
 class EvalSection(Section):

@@ -57,6 +57,12 @@ def discover_models(manifest: Manifest) -> list[Model]:
     return models
 
 
+def _done_stamp(model: Model) -> str | None:
+    """What identifies a trained model's weights: its done.json (written once training ends)."""
+    done = Path(model.path).parent / "done.json"
+    return done.read_text() if done.exists() else None
+
+
 def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
     ref = gen.model if model.format in ("base", "lora") else model.path
     pipe = load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device)
@@ -92,9 +98,14 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
 
     cfg, gen = manifest.require("eval"), manifest.require("generate")
     out = manifest.output_dir / "eval"
+    models = discover_models(manifest)
+    fingerprint = cfg.content_hash(generate=gen.content_hash(), score=manifest.score.content_hash() if manifest.score else None,
+                                   models=[(m.name, m.path, _done_stamp(m)) for m in models])
     if (out / "results.json").exists() and not overwrite:
-        log.info("eval: %s is complete; skipping (use --overwrite to redo it)", out)
-        return out
+        if json.loads((out / "results.json").read_text()).get("fingerprint") == fingerprint:
+            log.info("eval: %s is up to date; skipping (use --overwrite to redo it)", out)
+            return out
+        log.info("eval: models or settings changed since %s was written; evaluating again", out)
     out.mkdir(parents=True, exist_ok=True)
     prompts, _ = load_prompts(cfg.prompts, gen.prompt_column, dedupe=False)
     k = cfg.images_per_prompt
@@ -105,8 +116,8 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
         raise StageError(f"{manifest.source}: eval needs rewards (score.rewards or eval.rewards)")
     device = pick_device(gen.device)
     bank = RewardBank(specs, device)
-    models = discover_models(manifest)
     results: dict[str, Any] = {
+        "fingerprint": fingerprint,
         "prompts": str(cfg.prompts), "n_prompts": len(prompts), "images_per_prompt": k, "seed": cfg.seed,
         "rewards": [s.name for s in specs], "training_rewards": [s.name for s in train_rewards],
         "heldout_rewards": [s.name for s in specs if s not in train_rewards], "models": [],

@@ -95,8 +95,11 @@ class SampleGenerator:
         self.features = samples_features(self.layout.shape, cfg.noise_dtype)
         self.encoder = ThreadPoolExecutor(max_workers=1)  # PNG encoding overlaps the next batch
 
-    def images(self, prompts: list[Prompt], seeds: list[int], noise: torch.Tensor | None) -> list[Any]:
+    def images(self, prompts: list[Prompt], seeds: list[int], noise: torch.Tensor | None,
+               final_latents: list | None = None) -> list[Any]:
+        """Images for one batch; the sampler's final latents are appended to `final_latents` when given."""
         cfg = self.cfg
+        capture = self.layout.capture_final_latents(final_latents) if final_latents is not None else {}
         negatives = [p.negative_prompt or cfg.negative_prompt or "" for p in prompts]
         out = self.pipe(
             prompt=[p.text for p in prompts],
@@ -108,6 +111,7 @@ class SampleGenerator:
             output_type="pil",
             **cfg.pipeline_kwargs,
             **self.layout.call_kwargs(noise, seeds),
+            **capture,
         )
         return out.images
 
@@ -118,10 +122,10 @@ class SampleGenerator:
         shape, noise_dtype = self.layout.shape, DTYPES[cfg.noise_dtype]
         noise = torch.stack([prior_noise(s, shape, noise_dtype) for s in seeds]) if shape else None
         step = self.layout.max_batch or cfg.batch_size
-        pngs = []
+        pngs, finals = [], []
         for lo in range(0, len(rows), step):
             batch_noise = noise[lo : lo + step] if noise is not None else None
-            images = self.images([p for p, _ in rows[lo : lo + step]], seeds[lo : lo + step], batch_noise)
+            images = self.images([p for p, _ in rows[lo : lo + step]], seeds[lo : lo + step], batch_noise, finals)
             pngs.append(self.encoder.submit(lambda ims: [encode_png(im) for im in ims], images))
         columns: dict[str, Any] = {
             "sample_id": [sample_id(self.run_seed, p.prompt_id, i) for p, i in rows],
@@ -134,6 +138,7 @@ class SampleGenerator:
         }
         if noise is not None:
             columns["noise"] = noise_to_arrow(noise.numpy(), self.features["noise"])
+            columns["latent"] = noise_to_arrow(torch.cat(finals).to(noise_dtype).numpy(), self.features["latent"])
         n = len(rows)
         columns.update(
             model=[cfg.model] * n,

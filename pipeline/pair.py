@@ -72,6 +72,7 @@ def pair_table(table: pa.Table, w: np.ndarray, l: np.ndarray, scores: np.ndarray
     }
     if "winner_noise" in features:
         cols["winner_noise"], cols["loser_noise"] = wt["noise"], lt["noise"]
+        cols["winner_latent"], cols["loser_latent"] = wt["latent"], lt["latent"]
     cols.update(
         winner_seed=wt["seed"], loser_seed=lt["seed"],
         winner_score=pa.array(scores[w]), loser_score=pa.array(scores[l]), gap=pa.array(scores[w] - scores[l]),

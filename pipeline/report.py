@@ -53,7 +53,7 @@ def print_table(results: dict[str, Any]) -> None:
         table.add_column(h)
     for row in table_rows(results):
         table.add_row(*row)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def _png(fig) -> bytes:

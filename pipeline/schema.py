@@ -41,6 +41,7 @@ def samples_features(noise_shape: Sequence[int] | None, noise_dtype: str = "floa
     }
     if noise_shape is not None:
         features["noise"] = Array3D(tuple(noise_shape), noise_dtype)
+        features["latent"] = Array3D(tuple(noise_shape), noise_dtype)  # the sampler's final latent
     features.update(GENERATION_FEATURES)
     return Features(features)
 
@@ -73,6 +74,8 @@ def pairs_features(noise: Array3D | None) -> Features:
     if noise is not None:
         features["winner_noise"] = noise
         features["loser_noise"] = noise
+        features["winner_latent"] = noise
+        features["loser_latent"] = noise
     features.update(
         {
             "winner_seed": Value("int64"),

@@ -34,6 +34,7 @@ def samples_table(n: int, seed: int = 0, prompts: int = 3) -> tuple[pa.Table, np
         "seed": list(range(n)),
         "image": [{"bytes": png(rng), "path": None} for _ in range(n)],
         "noise": noise_to_arrow(noise, features["noise"]),
+        "latent": noise_to_arrow((noise * 0.5).astype(np.float16), features["latent"]),
         "model": ["m"] * n, "revision": [None] * n, "scheduler": ["S"] * n, "num_inference_steps": [2] * n,
         "guidance_scale": [1.0] * n, "height": [8] * n, "width": [8] * n, "torch_dtype": ["float32"] * n,
     }
@@ -62,7 +63,8 @@ def kind_table(kind: str, n: int, seed: int = 0) -> pa.Table:
     cols = {
         "pair_id": [f"pair{i}" for i in range(half)], "prompt_id": w["prompt_id"], "prompt": w["prompt"],
         "winner_id": w["sample_id"], "loser_id": lo["sample_id"], "winner_image": w["image"], "loser_image": lo["image"],
-        "winner_noise": w["noise"], "loser_noise": lo["noise"], "winner_seed": w["seed"], "loser_seed": lo["seed"],
+        "winner_noise": w["noise"], "loser_noise": lo["noise"], "winner_latent": w["latent"], "loser_latent": lo["latent"],
+        "winner_seed": w["seed"], "loser_seed": lo["seed"],
         "winner_score": pa.array(np.ones(half, np.float32)), "loser_score": pa.array(np.zeros(half, np.float32)),
         "gap": pa.array(np.ones(half, np.float32)),
     }

@@ -73,7 +73,10 @@ def make_step(manifest, lora: bool = False):
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     kind = "pairs" if cfg.method in ("pnapo", "dpo") else "labeled"
     path = manifest.stage_dir("pair" if kind == "pairs" else "threshold")
-    batch = next(GlobalBatches(path, data_columns(cfg.method), cfg.batch_size, kind=kind).epoch(0))
+    from pipeline.shards import open_dataset
+
+    available = set(open_dataset(path).features)
+    batch = next(GlobalBatches(path, data_columns(cfg.method, available), cfg.batch_size, kind=kind).epoch(0))
     dynamic = DynamicBeta(2000.0, 1.0) if cfg.method == "pnapo" else None
     return Step(cfg, adapter, policy, reference, _Acc(), cfg.beta or (1.0 if cfg.method == "tgo" else 2000.0), dynamic), batch
 

@@ -38,11 +38,15 @@ def default_beta(method: str, family: str) -> float:
     return 2000.0 if family == "rectified_flow" else 5000.0
 
 
-def data_columns(method: str) -> list[str]:
+def data_columns(method: str, available: set[str] | None = None) -> list[str]:
+    """Columns a method reads; recorded final latents are used instead of re-encoding images when present."""
     if method in PAIR_METHODS:
         cols = ["pair_id", "prompt", "winner_id", "loser_id", "winner_image", "loser_image", "gap"]
-        return cols + (["winner_noise", "loser_noise"] if method == "pnapo" else [])
-    return ["sample_id", "prompt", "image", "label", "weight"]
+        cols += ["winner_noise", "loser_noise"] if method == "pnapo" else []
+        latents = ["winner_latent", "loser_latent"]
+    else:
+        cols, latents = ["sample_id", "prompt", "image", "label", "weight"], ["latent"]
+    return cols + [c for c in latents if available is None or c in available]
 
 
 def train_dir(manifest: Manifest) -> Path:
@@ -75,7 +79,10 @@ class Latents:
     def __init__(self, adapter: Adapter, enabled: bool):
         self.adapter, self.enabled, self.cache = adapter, enabled, {}
 
-    def __call__(self, pixels: torch.Tensor, ids: list[str]) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor, ids: list[str], recorded: torch.Tensor | None = None) -> torch.Tensor:
+        """`recorded`: the sampler's own final latents, exact where re-encoding the image is not."""
+        if recorded is not None:
+            return recorded.to(self.adapter.pipe.device)
         if not self.enabled:
             return self.adapter.encode_images(pixels)
         for i, k in enumerate(ids):
@@ -119,8 +126,8 @@ class Step:
     def __call__(self, batch: dict[str, Any], step: int, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, adapter = self.cfg, self.adapter
         if cfg.method in PAIR_METHODS:
-            x0 = torch.cat([self.latents(batch["winner_image"], batch["winner_id"]),
-                            self.latents(batch["loser_image"], batch["loser_id"])])
+            x0 = torch.cat([self.latents(batch["winner_image"], batch["winner_id"], batch.get("winner_latent")),
+                            self.latents(batch["loser_image"], batch["loser_id"], batch.get("loser_latent"))])
             cond = adapter.encode_prompts(batch["prompt"] * 2, cache=cfg.cache)
             half = len(batch["prompt"])
             fresh, t = self._randomness(step, half, tuple(x0.shape[1:]))
@@ -141,7 +148,7 @@ class Step:
                 loss, metrics = dpo_loss(e_w, e_l, r_w, r_l, self.beta)
                 metrics["beta_t"] = self.beta
         else:
-            x0 = self.latents(batch["image"], batch["sample_id"])
+            x0 = self.latents(batch["image"], batch["sample_id"], batch.get("latent"))
             cond = adapter.encode_prompts(batch["prompt"], cache=cfg.cache)
             eps, t = self._randomness(step, len(x0), tuple(x0.shape[1:]))
             e = adapter.errors(self.policy, x0, cond, eps, t)
@@ -184,7 +191,10 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     out = train_dir(manifest)
     if overwrite and out.exists():
         shutil.rmtree(out)
+    config_hash = cfg.content_hash(model=cfg.model or (manifest.generate.model if manifest.generate else None))
     if (out / DONE).exists() and resume is None:  # a finished run; --resume with a larger max_steps extends it
+        if json.loads((out / DONE).read_text()).get("config_hash") != config_hash:
+            raise StageError(f"{out}: was trained with a different configuration; rerun with --overwrite to replace it")
         log.info("train: %s is complete; skipping (use --overwrite to redo it)", out)
         return out
     ckpt_dir = out / "checkpoints"
@@ -221,7 +231,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
 
-    data = GlobalBatches(data_path, data_columns(cfg.method), cfg.batch_size, rank=accelerator.process_index,
+    data = GlobalBatches(data_path, data_columns(cfg.method, set(dataset.features)), cfg.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, seed=cfg.seed, kind=kind)
     beta = cfg.beta or default_beta(cfg.method, adapter.family)
     dynamic = None
@@ -285,7 +295,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     if accelerator.is_main_process:
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
         (out / DONE).unlink(missing_ok=True)
-        write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final),
+        write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final), "config_hash": config_hash,
                                        "format": "lora" if cfg.lora else "pipeline", "data": str(data_path)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
