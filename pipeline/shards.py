@@ -29,7 +29,7 @@ from pipeline.errors import DatasetError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PROGRESS_DIR = ".progress"
-ROW_GROUP_ROWS = 256
+ROW_GROUP_BYTES = 32 * 2**20  # about 32 MiB of data per row group: a few image rows, a million scores
 LIBRARIES = ("torch", "diffusers", "transformers", "datasets", "pyarrow", "ray", "open_clip_torch", "accelerate")
 
 
@@ -68,13 +68,19 @@ class ShardRecord:
     sha256: str
 
 
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per Parquet row group, sized by bytes so that column reads stay fast for any row width."""
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    return int(min(1_000_000, max(64, ROW_GROUP_BYTES // per_row)))
+
+
 def write_shard(dataset_dir: Path, index: int, table: pa.Table) -> ShardRecord:
     """Write one shard atomically and record its completion. Safe to call from any worker process."""
     dataset_dir = Path(dataset_dir)
     final = dataset_dir / shard_name(index)
     tmp = dataset_dir / f".{final.name}.tmp-{uuid.uuid4().hex}"
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         record = ShardRecord(final.name, table.num_rows, tmp.stat().st_size, sha256_file(tmp))

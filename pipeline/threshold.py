@@ -109,11 +109,11 @@ class ShardScores:
 def read_scores(ds: Dataset, rule: ScoreRule, cfg: ThresholdSection, per_prompt: bool) -> list[ShardScores]:
     out = []
     for i in range(len(ds.shard_paths)):
-        table = ds.read_shard(i, rule.columns + (["prompt_id", "sample_id"] if per_prompt or cfg.nan_policy == "error" else []))
+        table = ds.read_shard(i, rule.columns + (["prompt_id"] if per_prompt else []))  # only what tau needs
         scores = rule.apply(table)
         keep = np.isfinite(scores)
         if not keep.all() and cfg.nan_policy == "error":
-            bad = np.asarray(table["sample_id"])[~keep][:5].tolist()
+            bad = np.asarray(ds.read_shard(i, ["sample_id"])["sample_id"])[~keep][:5].tolist()
             raise StageError(
                 f"{ds.shard_paths[i]}: {int((~keep).sum())} rows have a NaN/inf score (sample ids {bad}); "
                 "set threshold.nan_policy=drop to drop them"
