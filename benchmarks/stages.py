@@ -11,7 +11,8 @@ import numpy as np
 from benchmarks.common import child, ratio, timed
 
 
-def _generate_manifest(tmp: Path, steps: int, size: int, batch: int, prompts: int, executor: str = "local") -> Path:
+def _generate_manifest(tmp: Path, steps: int, size: int, batch: int, prompts: int, executor: str = "local",
+                       per_shard: int = 2) -> Path:
     import yaml
     from tiny_models import save_tiny
 
@@ -23,7 +24,7 @@ def _generate_manifest(tmp: Path, steps: int, size: int, batch: int, prompts: in
         "run": {"name": "bench", "output_dir": str(tmp / f"out-{executor}"), "executor": executor},
         "generate": {"model": str(model), "prompts": str(tmp / "prompts.txt"), "images_per_prompt": batch,
                      "num_inference_steps": steps, "height": size, "width": size, "batch_size": batch,
-                     "prompts_per_shard": 2, "num_workers": 2, "cpus_per_worker": 1},
+                     "prompts_per_shard": per_shard, "num_workers": 2, "cpus_per_worker": 1},
     }
     path = tmp / f"{executor}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -80,8 +81,8 @@ def bench_score(tmp: Path) -> dict:
     from tiny_rewards import reward_specs
 
     torch.set_num_threads(1)
-    manifest = load_manifest(_generate_manifest(tmp, steps=2, size=64, batch=8, prompts=16))
-    samples = open_dataset(run_generate(manifest))
+    manifest = load_manifest(_generate_manifest(tmp, steps=2, size=64, batch=8, prompts=64, per_shard=16))
+    samples = open_dataset(run_generate(manifest))  # 4 shards of 128 rows
     specs = [RewardSpec(name=k, **v) for k, v in reward_specs(tmp / "rewards").items()]
     out = tmp / "scored-shards"
     (out / ".progress").mkdir(parents=True)

@@ -74,13 +74,20 @@ def row_group_rows(table: pa.Table) -> int:
     return int(min(1_000_000, max(64, ROW_GROUP_BYTES // per_row)))
 
 
+def dictionary_columns(table: pa.Table) -> list[str]:
+    """Columns worth dictionary-encoding (ids, prompts, settings). Image bytes and noise arrays are unique per
+    row: trying dictionaries on them made writes 2.5x slower."""
+    return [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_integer(f.type)]
+
+
 def write_shard(dataset_dir: Path, index: int, table: pa.Table) -> ShardRecord:
     """Write one shard atomically and record its completion. Safe to call from any worker process."""
     dataset_dir = Path(dataset_dir)
     final = dataset_dir / shard_name(index)
     tmp = dataset_dir / f".{final.name}.tmp-{uuid.uuid4().hex}"
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        pq.write_table(table, tmp, compression="snappy", use_dictionary=dictionary_columns(table),
+                       row_group_size=row_group_rows(table))  # zstd: 3.5x slower, about the same size here
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         record = ShardRecord(final.name, table.num_rows, tmp.stat().st_size, sha256_file(tmp))
