@@ -134,3 +134,35 @@ def test_bad_kinds_are_clear_errors():
         build_reward(RewardSpec(name="x", kind="plugin_rewards:NotAReward"))
     with pytest.raises(StageError, match="HPS needs `checkpoint`"):
         build_reward(RewardSpec(name="x", kind="hpsv2"))
+
+
+def test_pickscore_matches_the_reference_computation(tiny_rewards):
+    """PickScore's reference: processor -> CLIPModel(...).logits_per_image, the diagonal for matched pairs."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    ref_dir = tiny_rewards["pickscore"]["model"]
+    model = CLIPModel.from_pretrained(ref_dir).eval()
+    proc = AutoImageProcessor.from_pretrained(ref_dir, backend="pil")
+    tok = AutoTokenizer.from_pretrained(ref_dir)
+    ims, prompts = images(3, seed=4), PROMPTS[:3]
+    with torch.no_grad():
+        logits = model(pixel_values=proc(images=ims, return_tensors="pt")["pixel_values"],
+                       **tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")).logits_per_image
+    ours = RewardBank([RewardSpec(name="p", **tiny_rewards["pickscore"])]).score_batches(lambda: [(ims, prompts)])["p"]
+    assert np.allclose(ours, logits.diagonal().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_hps_matches_open_clip_reference_path(tiny_rewards):
+    """HPS's reference path: open_clip's own eval transform (longest side + pad) and the model's forward."""
+    import open_clip
+
+    spec = tiny_rewards["hps"]
+    open_clip.add_model_config(spec["options"]["arch_config"])
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-hps", pretrained=spec["checkpoint"],
+                                                                  image_resize_mode="longest")
+    ims, prompts = images(3, seed=5, size=(40, 24)), PROMPTS[:3]
+    with torch.no_grad():
+        out = model(torch.stack([preprocess(im) for im in ims]), open_clip.get_tokenizer("tiny-hps")(prompts))
+        ref = (out[0] * out[1]).sum(-1).numpy()
+    ours = RewardBank([RewardSpec(name="h", **spec)]).score_batches(lambda: [(ims, prompts)])["h"]
+    assert np.allclose(ours, ref, atol=1e-4)
