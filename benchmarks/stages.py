@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks.common import child, ratio, timed
 

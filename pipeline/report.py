@@ -36,6 +36,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 HEADER = ["model", "reward", "mean [95% CI]", "delta vs base [95% CI]", "win rate vs base [95% CI]", "drift"]
+HEADER_HTML = [html.escape(h) for h in HEADER]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -161,5 +162,3 @@ noises. Held-out rewards: {html.escape(', '.join(results['heldout_rewards']) or 
     (out / "report.html").write_text(page)
     print_table(results)
 
-
-HEADER_HTML = [html.escape(h) for h in HEADER]
