@@ -86,7 +86,7 @@ class UnitWorker:
         return {"record": [json.dumps(asdict(r)) for r in records]}
 
 
-def _progress(desc: str, total_rows: int) -> Progress:
+def _progress(desc: str) -> Progress:
     return Progress(
         TextColumn(f"[bold]{desc}"),
         BarColumn(),
@@ -160,7 +160,7 @@ def run_units(
     kwargs = {**kwargs, "max_retries": res.max_retries}
     records: list[ShardRecord] = []
     start = time.perf_counter()
-    with _progress(desc, total) as bar:
+    with _progress(desc) as bar:
         task = bar.add_task(desc, total=total, rate="")
         if res.executor == "ray":
             stream = _ray_records(factory, kwargs, units, res)

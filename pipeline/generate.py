@@ -7,6 +7,7 @@ dataset an uninterrupted run writes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from datasets import Features
 
 from pipeline.config import GenerateSection, Manifest
 from pipeline.errors import StageError
@@ -24,7 +27,7 @@ from pipeline.families import NoiseLayout
 from pipeline.prompts import Prompt, load_prompts
 from pipeline.schema import noise_to_arrow, samples_features
 from pipeline.seeds import prior_noise, sample_id, sample_seed
-from pipeline.shards import ShardRecord, StageOutput, write_shard
+from pipeline.shards import ShardRecord, StageOutput, shard_name, write_shard
 
 log = logging.getLogger("tauflow")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -208,8 +211,6 @@ def run_generate(manifest: Manifest, *, overwrite: bool = False, executor: str |
 
 
 def _sha_of_prompts(prompts: list[Prompt]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(f"{p.prompt_id}\t{p.text}\t{p.negative_prompt}\n".encode())
@@ -218,10 +219,7 @@ def _sha_of_prompts(prompts: list[Prompt]) -> str:
 
 def _features_from_shard(path: Path):
     """The samples features as written by the workers (the noise shape is only known once a model is loaded)."""
-    import pyarrow.parquet as pq
-    from datasets import Features
-
-    return Features.from_arrow_schema(pq.read_schema(path / "part-00000.parquet"))
+    return Features.from_arrow_schema(pq.read_schema(path / shard_name(0)))
 
 
 def regenerate(dataset_dir: str | Path, sample_id_: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:

@@ -98,5 +98,4 @@ class TorchShards(torch.utils.data.IterableDataset):
             return torch.from_numpy(noise_from_arrow(column, feature.shape).copy())
         if isinstance(feature, Image):
             return [torch.from_numpy(decode_png(v["bytes"]).copy()).permute(2, 0, 1) for v in column.to_pylist()]
-        values = column.to_pylist()
-        return values
+        return column.to_pylist()

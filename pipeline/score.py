@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Manifest, RewardSpec
@@ -24,7 +25,7 @@ from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
 from pipeline.generate import pick_device
 from pipeline.schema import score_column, scored_features
-from pipeline.shards import ShardRecord, StageOutput, open_dataset, write_shard
+from pipeline.shards import ShardRecord, StageOutput, open_dataset, shard_name, write_shard
 
 log = logging.getLogger("tauflow")
 
@@ -108,9 +109,7 @@ def run_score(manifest: Manifest, *, overwrite: bool = False, executor: str | No
     run_units(ScoreWorker, kwargs, pending, res, desc="score", rows_of=lambda u: u["rows"])
     features = scored_features(source.features, [s.name for s in new])
     columns = [c for c in features if c.startswith("score_")]
-    import pyarrow.parquet as pq
-
-    table = pa.concat_tables([pq.read_table(target / f"part-{i:05d}.parquet", columns=columns) for i in range(num)])
+    table = pa.concat_tables([pq.read_table(target / shard_name(i), columns=columns) for i in range(num)])
     stats = {
         "rewards": {c.removeprefix("score_"): reward_stats(table[c].to_numpy()) for c in columns},
         "reward_specs": all_specs,

@@ -9,7 +9,6 @@ continues exactly and W processes match one process on the same global batch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -323,7 +322,6 @@ def save_final(pipe, adapter: Adapter, policy, cfg: TrainSection, out: Path) -> 
         return target
     setattr(pipe, adapter.denoiser_name, policy)
     target = out / "pipeline"
-    with contextlib.suppress(AttributeError):
-        policy.eval()
+    policy.eval()
     pipe.save_pretrained(str(target))
     return target
