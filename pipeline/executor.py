@@ -127,7 +127,10 @@ def _ray_records(
         factory,
         fn_constructor_kwargs=kwargs,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(units))),
+        # One unit in flight per actor: a unit's start count then blames only the unit that killed its
+        # worker, and units are taken in order (a queued unit is never retried for another unit's crash).
+        # Units run for seconds to minutes, so the lost prefetch of a tiny payload costs nothing.
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(units)), max_tasks_in_flight_per_actor=1),
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker,
         runtime_env={"env_vars": forwarded_env()},
