@@ -24,6 +24,16 @@ def timed(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def timed_pair(stage: Callable[[], object], bare: Callable[[], object], repeats: int = 5) -> tuple[dict, dict]:
+    """`timed` for a stage and its bare baseline, alternating runs so that machine drift hits both alike."""
+    runs = [(timed(stage, 1)["median"], timed(bare, 1)["median"]) for _ in range(repeats)]
+
+    def summary(times: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+    return summary([s for s, _ in runs]), summary([b for _, b in runs])
+
+
 def ratio(stage: dict[str, float], bare: dict[str, float]) -> dict[str, float]:
     """stage time / bare time (1.0 = no overhead), with the extremes."""
     return {"median": stage["median"] / bare["median"], "min": stage["min"] / bare["max"], "max": stage["max"] / bare["min"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from benchmarks.common import child, ratio, timed
+from benchmarks.common import child, ratio, timed, timed_pair
 
 
 def _generate_manifest(tmp: Path, steps: int, size: int, batch: int, prompts: int, executor: str = "local",
@@ -60,7 +60,7 @@ def bench_generate(tmp: Path) -> dict:
             worker.process(u)
 
     images = len(prompts) * cfg.images_per_prompt
-    t_bare, t_stage = timed(bare), timed(stage)
+    t_stage, t_bare = timed_pair(stage, bare)
     return {"images": images, "batch_seconds_bare": t_bare["median"] / len(prompts),
             "bare_images_per_s": images / t_bare["median"], "stage_images_per_s": images / t_stage["median"],
             "ratio": ratio(t_stage, t_bare)}
@@ -106,7 +106,7 @@ def bench_score(tmp: Path) -> dict:
         t = timed(lambda r=reward: [r.score(images[i:i + 32], prompts[i:i + 32]) for i in range(0, len(images), 32)], 2)
         per_reward[f"{name}_images_per_s"] = len(images) / t["median"]
     n = samples.num_rows
-    t_bare, t_stage = timed(bare), timed(stage)
+    t_stage, t_bare = timed_pair(stage, bare)
     return {"images": n, "rewards": len(specs), "bare_images_per_s": n / t_bare["median"],
             "stage_images_per_s": n / t_stage["median"], "ratio": ratio(t_stage, t_bare), **per_reward}
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
 from pipeline.generate import pick_device
 from pipeline.schema import score_column, scored_features
-from pipeline.shards import ShardRecord, StageOutput, open_dataset, shard_name, write_shard
+from pipeline.shards import ShardRecord, ShardWriter, StageOutput, open_dataset, shard_name
 
 log = logging.getLogger("tauflow")
 
@@ -53,22 +54,38 @@ class ScoreWorker(UnitWorker):
         self.batch_size = batch_size
 
     def process(self, unit: dict[str, Any]) -> ShardRecord:
-        table = self.source.read_shard(unit["unit"])
-        n, bs = table.num_rows, self.batch_size
+        """Score one shard while a background thread reads the columns that only pass through (noise,
+        latents) and encodes each scored batch as a row group: the stage costs about what its scoring costs."""
+        index, bs = unit["unit"], self.batch_size
+        shard = self.source.shard_paths[index].name
+        head = self.source.read_shard(index, ["image", "prompt", "sample_id"])
+        schema = self.features.arrow_schema
+        # the writer closes after the thread has finished its writes (or, on an error, is discarded after)
+        with ShardWriter(self.out_dir, index, schema) as writer, ThreadPoolExecutor(max_workers=1) as background:
+            rest = background.submit(self.source.read_shard, index, [c for c in self.source.features if c not in head.column_names])
 
-        def batches():
-            for lo in range(0, n, bs):
-                part = table.slice(lo, bs)
-                yield decode_images(part["image"]), part["prompt"].to_pylist()
+            def write_batch(lo: int, scores: dict[str, np.ndarray]) -> None:
+                part = rest.result().slice(lo, bs)
+                columns = {c: head[c].slice(lo, bs) for c in head.column_names} | {c: part[c] for c in part.column_names}
+                columns |= {score_column(name): pa.array(values) for name, values in scores.items()}
+                writer.write(pa.table([columns[c] for c in schema.names], schema=schema))
 
-        scores = self.bank.score_batches(batches)
-        for name, values in scores.items():
-            bad = ~np.isfinite(values)
-            if bad.any():
-                ids = np.asarray(table["sample_id"])[bad][:5].tolist()
-                raise StageError(f"reward {name} gave NaN/inf for {int(bad.sum())} samples of {self.source.shard_paths[unit['unit']].name}: {ids}")
-            table = table.append_column(score_column(name), pa.array(values))
-        return write_shard(self.out_dir, unit["unit"], table.cast(self.features.arrow_schema))
+            def batches():
+                for lo in range(0, head.num_rows, bs):
+                    part = head.slice(lo, bs)
+                    yield decode_images(part["image"]), part["prompt"].to_pylist()
+
+            writes, bad_ids = [], {spec.name: [] for spec in self.bank.specs}
+            for lo, scores in zip(range(0, head.num_rows, bs), self.bank.iter_scores(batches)):
+                for name, values in scores.items():
+                    bad_ids[name] += np.asarray(head["sample_id"].slice(lo, bs))[~np.isfinite(values)].tolist()
+                writes.append(background.submit(write_batch, lo, scores))
+            for done in writes:
+                done.result()
+            for name, ids in bad_ids.items():
+                if ids:  # the shard's temp file is discarded: NaN/inf is never written
+                    raise StageError(f"reward {name} gave NaN/inf for {len(ids)} samples of {shard}: {ids[:5]}")
+            return writer.commit()
 
 
 def reward_stats(values: np.ndarray) -> dict[str, float]:

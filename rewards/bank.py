@@ -49,23 +49,27 @@ class RewardBank:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def score_batches(self, batches: Callable[[], Iterable[tuple[list[Any], list[str]]]]) -> dict[str, np.ndarray]:
-        """Score every (images, prompts) batch that `batches()` yields with every reward.
+    def iter_scores(self, batches: Callable[[], Iterable[tuple[list[Any], list[str]]]]) -> Iterator[dict[str, np.ndarray]]:
+        """Score every (images, prompts) batch that `batches()` yields with every reward; yields reward name ->
+        scores per batch, as soon as a batch is done (so callers can write while the next batch scores).
 
-        `batches` is called once (or once per reward in one-at-a-time mode), so images are decoded lazily,
-        one batch at a time. Returns reward name -> scores in batch order.
+        `batches` is called once, or once per reward in one-at-a-time mode (images are decoded lazily, one
+        batch at a time); that mode yields only after the last reward has run.
         """
-        out: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
-        if self.one_at_a_time:
-            for reward in self.rewards():
-                for images, prompts in batches():
-                    out[reward.name].append(self._score_one(reward, images, prompts, {}))
-        else:
+        if not self.one_at_a_time:
             for images, prompts in batches():
                 shared: dict[str, torch.Tensor] = {}
-                for reward in self.rewards():
-                    out[reward.name].append(self._score_one(reward, images, prompts, shared))
-        return {name: np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32) for name, parts in out.items()}
+                yield {reward.name: self._score_one(reward, images, prompts, shared) for reward in self.rewards()}
+            return
+        per_reward = {reward.name: [self._score_one(reward, images, prompts, {}) for images, prompts in batches()]
+                      for reward in self.rewards()}
+        for scores in zip(*per_reward.values()):
+            yield dict(zip(per_reward, scores))
+
+    def score_batches(self, batches: Callable[[], Iterable[tuple[list[Any], list[str]]]]) -> dict[str, np.ndarray]:
+        """`iter_scores`, concatenated: reward name -> scores in batch order."""
+        parts = list(self.iter_scores(batches))
+        return {s.name: np.concatenate([p[s.name] for p in parts]) if parts else np.zeros(0, np.float32) for s in self.specs}
 
     def _score_one(self, reward: Reward, images: list[Any], prompts: list[str], shared: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.inference_mode(), self._autocast():
