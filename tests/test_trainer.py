@@ -1,5 +1,5 @@
 """Trainer on a tiny SD3 pipeline: closed forms at init, one step in the right direction, recorded noise,
-exact resume, LoRA round trip, two processes == one, and the refusal of noise-free pairs for PNAPO."""
+exact resume, step logs (JSONL and TensorBoard), two processes == one, and the refusal of noise-free pairs for PNAPO."""
 
 from __future__ import annotations
 
@@ -12,73 +12,18 @@ import sys
 import pytest
 import torch
 from conftest import write_manifest
+from train_harness import make_step, one_sgd_step, prepare_run
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
-from pipeline.generate import run_generate
 from pipeline.pair import run_pair
-from pipeline.score import run_score
-from pipeline.threshold import run_threshold
-from trainer.data import GlobalBatches
-from trainer.recipe import DynamicBeta, Step, data_columns, load_generator, train
+from trainer.recipe import train
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model):
-    """A tiny run with samples, scores, labels and pairs; returns a manifest factory for the train section."""
-    root = tmp_path_factory.mktemp("train-run")
-    (root / "prompts.txt").write_text("a red cat\na blue dog\nthe photo of a digit\na handwritten seven\nan orange fox\n")
-    base = {
-        "run": {"name": "t", "output_dir": str(root / "out"), "executor": "local"},
-        "generate": {"model": str(tiny_model("sd3")), "prompts": str(root / "prompts.txt"), "images_per_prompt": 4,
-                     "num_inference_steps": 2, "height": 16, "width": 16, "batch_size": 8, "guidance_scale": 2.0},
-        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
-        "threshold": {"reward": "bright"},
-        "pair": {"reward": "bright"},
-    }
-    m = load_manifest(write_manifest(root / "base.yaml", base))
-    for stage in (run_generate, run_score, run_threshold, run_pair):
-        stage(m)
-
-    def make(name: str = "m.yaml", **train) -> object:
-        data = {**base, "train": {"batch_size": 4, "learning_rate": 1e-3, "max_steps": 2, **train}}
-        if "output_dir" in train:  # a separate training output, reading this run's data
-            data["run"] = {**base["run"], "output_dir": train.pop("output_dir")}
-            data["train"].pop("output_dir")
-            folder = "pairs" if train["method"] in ("pnapo", "dpo") else "labeled"
-            data["train"].setdefault("data", str(root / "out" / folder))
-        return load_manifest(write_manifest(root / name, data))
-
-    return make
-
-
-class _Acc:
-    """The accelerator surface Step uses, for one process (training itself runs through accelerate)."""
-
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
-    def unwrap_model(self, m):
-        return m
-
-    def reduce(self, t, reduction="mean"):
-        return t
-
-
-def make_step(manifest, lora: bool = False):
-    import copy
-
-    cfg = manifest.train
-    pipe, adapter = load_generator(manifest, torch.device("cpu"))
-    policy = adapter.denoiser.requires_grad_(True).train()
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    kind = "pairs" if cfg.method in ("pnapo", "dpo") else "labeled"
-    path = manifest.stage_dir("pair" if kind == "pairs" else "threshold")
-    from pipeline.shards import open_dataset
-
-    available = set(open_dataset(path).features)
-    batch = next(GlobalBatches(path, data_columns(cfg.method, available), cfg.batch_size, kind=kind).epoch(0))
-    dynamic = DynamicBeta(2000.0, 1.0) if cfg.method == "pnapo" else None
-    return Step(cfg, adapter, policy, reference, _Acc(), cfg.beta or (1.0 if cfg.method == "tgo" else 2000.0), dynamic), batch
+    """A tiny SD3 run with samples, scores, labels and pairs; returns a manifest factory for the train section."""
+    return prepare_run(tmp_path_factory.mktemp("train-run"), tiny_model("sd3"))
 
 
 @pytest.mark.parametrize(("method", "closed_form"), [("tgo", None), ("dpo", math.log(2)), ("pnapo", math.log(2)), ("kto", 0.5)])
@@ -94,29 +39,20 @@ def test_losses_at_init_have_closed_form_and_gradient(run_dir, method, closed_fo
     assert all(p.grad is None for p in step.reference.parameters())
 
 
-def _one_sgd_step(step, batch) -> dict[str, float]:
-    opt = torch.optim.SGD([p for p in step.policy.parameters() if p.requires_grad], lr=1e-6)  # small, first-order
-    loss, _ = step(batch, 0, 0.0)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        return step(batch, 0, 0.0)[1]  # same batch, same noise and t
-
-
 @pytest.mark.parametrize("label", [1, 0])
 def test_one_tgo_step_raises_log_pi_of_positives_and_lowers_negatives(run_dir, label):
     step, batch = make_step(run_dir(method="tgo", batch_size=12))
     keep = [i for i, l in enumerate(batch["label"].tolist()) if l == label]
     assert keep
     only = {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in batch.items()}
-    m = _one_sgd_step(step, only)
+    m = one_sgd_step(step, only)
     assert (m["score_pos"] > 0) if label == 1 else (m["score_neg"] < 0)
 
 
 @pytest.mark.parametrize("method", ["dpo", "pnapo"])
 def test_one_pair_step_favours_winners_over_losers(run_dir, method):
     step, batch = make_step(run_dir(method=method))
-    m = _one_sgd_step(step, batch)
+    m = one_sgd_step(step, batch)
     assert m["score_winner"] - m["score_loser"] > 0  # log pi/pi_ref of winners rises relative to losers
 
 
@@ -149,27 +85,17 @@ def test_resume_gives_the_same_losses(run_dir, tmp_path):
         train(run_dir("again.yaml", method="dpo", max_steps=4, output_dir=str(tmp_path / "b")))
 
 
-def test_lora_weights_load_into_the_pipeline(run_dir, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from safetensors.torch import load_file
+def test_every_step_is_logged_to_jsonl_and_tensorboard(run_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    manifest = run_dir("lora.yaml", method="tgo", lora={"rank": 4, "alpha": 4}, max_steps=2, learning_rate=1e-2,
-                       output_dir=str(tmp_path / "lora"))
-    out = train(manifest)
-    done = json.loads((out / "done.json").read_text())
-    assert done["format"] == "lora"
-    base = manifest.generate.model
-    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(prompt=["a red cat", "a blue dog"], num_inference_steps=2, height=16, width=16, output_type="np", latents=noise)
-    loaded = StableDiffusion3Pipeline.from_pretrained(base)
-    loaded.load_lora_weights(done["final"])
-    trained = StableDiffusion3Pipeline.from_pretrained(base)  # the policy exactly as training left it
-    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    trained.transformer.load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
-    plain = StableDiffusion3Pipeline.from_pretrained(base)
-    a, b, c = loaded(**kwargs).images, trained(**kwargs).images, plain(**kwargs).images
-    assert abs(a - b).max() < 1e-5 and abs(a - c).max() > 1e-4
+    out = train(run_dir("tb.yaml", method="tgo", max_steps=3, output_dir=str(tmp_path / "tb")))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    wanted = {"loss", "implicit_acc", "score_pos", "score_neg", "beta_t", "policy_error", "reference_error", "grad_norm",
+              "lr", "samples_per_s"}
+    assert [r["step"] for r in records] == [1, 2, 3] and all(wanted <= set(r) for r in records)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
 
 
 def test_pnapo_refuses_pairs_without_noise(run_dir, tmp_path):

@@ -4,20 +4,26 @@ An adapter knows how its family turns (image latents x0, prompt, noise, t) into 
 e = mean((prediction - target)^2); log pi(y|x) is approximated by -e (up to the temperature). Policy and
 reference are evaluated on the same noisy input.
 
-- rectified flow (SD3): x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma drawn from the
-  scheduler's training sigmas at a logit-normal (default) or uniform position; transformer timestep = 1000 sigma.
+- rectified flow (SD3, FLUX): x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma drawn from the
+  scheduler's training sigmas at a logit-normal (default) or uniform position. SD3's transformer takes
+  timestep = 1000 sigma; FLUX's takes sigma, packed 2x2 latent patches, position ids, and (FLUX-dev) the
+  distilled guidance scale the data was sampled with.
 - diffusion (SD 1.5 / SDXL UNet): x_t = scheduler.add_noise(x0, eps, t) with t uniform over the training
   timesteps; the target is eps or the velocity, as the scheduler's prediction_type says.
+- maskgit (aMUSEd): x0 are the image's VQ tokens; t is a time in (0, 1) whose cosine gives the masked share,
+  and eps (one Gaussian per token) ranks the tokens: the lowest ranks are masked. e is the cross-entropy of
+  the true tokens at the masked positions, so -e = mean log p(token | unmasked tokens, prompt).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from pipeline.errors import StageError
 from pipeline.families import family_of
 
 
@@ -64,6 +70,9 @@ class Adapter:
     def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
+        model.enable_gradient_checkpointing()
+
     def sample_t(self, n: int, gen: torch.Generator, cfg: Any) -> torch.Tensor:
         raise NotImplementedError
 
@@ -76,18 +85,21 @@ class RectifiedFlowAdapter(Adapter):
     family = "rectified_flow"
     denoiser_name = "transformer"
 
-    def __init__(self, pipe: Any, text_kwargs: dict[str, Any]):
+    def __init__(self, pipe: Any, text_kwargs: dict[str, Any], guidance_scale: float):
         super().__init__(pipe, text_kwargs)
-        if type(pipe).__name__ != "StableDiffusion3Pipeline":
-            raise StageError(f"training {type(pipe).__name__} is not supported yet (rectified flow: StableDiffusion3Pipeline)")
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.flux = type(pipe).__name__ == "FluxPipeline"
+        self.guidance_scale = guidance_scale
         self.train_sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).sigmas.float()
 
     def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompts, prompts, prompts, do_classifier_free_guidance=False, device=self.pipe.device, **self.text_kwargs
-        )
+        if self.flux:  # its text position ids are all zeros: rebuilt per batch from the sequence length
+            embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.pipe.device, **self.text_kwargs)
+        else:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, prompts, prompts, do_classifier_free_guidance=False, device=self.pipe.device, **self.text_kwargs
+            )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def sample_t(self, n: int, gen: torch.Generator, cfg: Any) -> torch.Tensor:
@@ -103,8 +115,21 @@ class RectifiedFlowAdapter(Adapter):
     def errors(self, model, x0, cond, eps, t):
         sigma = t.to(x0.device, x0.dtype).view(-1, 1, 1, 1)
         xt = (1 - sigma) * x0 + sigma * eps
-        v = model(hidden_states=xt, timestep=sigma.flatten() * 1000, return_dict=False, **cond)[0]
-        return per_sample_mse(v, eps - x0)
+        if not self.flux:
+            v = model(hidden_states=xt, timestep=sigma.flatten() * 1000, return_dict=False, **cond)[0]
+            return per_sample_mse(v, eps - x0)
+        b, c, h, w = x0.shape
+        pack = self.pipe._pack_latents
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance_scale, device=x0.device, dtype=torch.float32)
+        v = model(
+            hidden_states=pack(xt, b, c, h, w), timestep=sigma.flatten(), guidance=guidance,
+            txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x0.device, dtype=x0.dtype),
+            img_ids=self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype),
+            return_dict=False, **cond,
+        )[0]
+        return per_sample_mse(v, pack(eps - x0, b, c, h, w))  # the same mean over the same elements
 
 
 class DiffusionAdapter(Adapter):
@@ -145,10 +170,60 @@ class DiffusionAdapter(Adapter):
         return per_sample_mse(pred, target)
 
 
-def adapter_for(pipe: Any, text_kwargs: dict[str, Any]) -> Adapter:
+class MaskGITAdapter(Adapter):
+    family = "maskgit"
+    denoiser_name = "transformer"
+
+    def __init__(self, pipe: Any, text_kwargs: dict[str, Any], height: int, width: int):
+        super().__init__(pipe, text_kwargs)
+        self.mask_id = pipe.scheduler.config.mask_token_id
+        self.height, self.width = height, width
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> VQ token ids (B, 1, h, w) (the singleton axis keeps the loop's 4-d shapes)."""
+        vq = self.pipe.vqvae
+        x = pixels.to(vq.device, vq.dtype) / 255.0  # aMUSEd's VQ model works on [0, 1] images
+        z = vq.encode(x).latents
+        ids = vq.quantize(z)[2][2]
+        return ids.reshape(len(x), 1, z.shape[-2], z.shape[-1])
+
+    def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, return_tensors="pt", padding="max_length", truncation=True, max_length=tok.model_max_length)
+        out = self.pipe.text_encoder(ids.input_ids.to(self.pipe.device), return_dict=True, output_hidden_states=True)
+        return {"encoder_hidden_states": out.hidden_states[-2], "pooled_text_emb": out.text_embeds}
+
+    def sample_t(self, n: int, gen: torch.Generator, cfg: Any) -> torch.Tensor:
+        return torch.rand(n, generator=gen)
+
+    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
+        """UVit2DModel's own switch is broken (diffusers 0.42: its wrapper drops the layers' keyword
+        arguments), so each transformer layer is checkpointed here instead."""
+        for layer in model.transformer_layers:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+    def errors(self, model, x0, cond, eps, t):
+        tokens = x0.flatten(1).long()
+        b, n = tokens.shape
+        masked_share = torch.cos(t.to(tokens.device) * torch.pi / 2)  # the cosine schedule
+        count = (masked_share * n).round().clamp(min=1).long()
+        rank = eps.flatten(1).to(tokens.device).argsort(dim=1).argsort(dim=1)
+        mask = rank < count[:, None]
+        inputs = torch.where(mask, self.mask_id, tokens).reshape(x0.shape[0], *x0.shape[2:])
+        micro = torch.tensor([self.width, self.height, 0, 0, 6], device=tokens.device, dtype=cond["pooled_text_emb"].dtype)
+        logits = model(inputs, micro_conds=micro.expand(b, -1), **cond)  # (B, codebook, h, w)
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(2), tokens, reduction="none")
+        return (nll * mask).sum(1) / mask.sum(1)
+
+
+def adapter_for(pipe: Any, text_kwargs: dict[str, Any], *, guidance_scale: float = 3.5, height: int = 512,
+                width: int = 512) -> Adapter:
+    """The adapter of `pipe`'s family. `guidance_scale` (FLUX-dev's distilled guidance) and the image size
+    (aMUSEd's micro-conditioning) are those the training data was generated with."""
     family = family_of(pipe)
     if family == "rectified_flow":
-        return RectifiedFlowAdapter(pipe, text_kwargs)
+        return RectifiedFlowAdapter(pipe, text_kwargs, guidance_scale)
     if family == "diffusion":
         return DiffusionAdapter(pipe, text_kwargs)
-    raise StageError(f"training the {family} family ({type(pipe).__name__}) is not supported yet")
+    return MaskGITAdapter(pipe, text_kwargs, height, width)

@@ -64,7 +64,8 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Adapt
     text_kwargs = {}
     if gen and "max_sequence_length" in gen.pipeline_kwargs:
         text_kwargs["max_sequence_length"] = gen.pipeline_kwargs["max_sequence_length"]
-    adapter = adapter_for(pipe, text_kwargs)
+    sampled = {"guidance_scale": gen.guidance_scale, "height": gen.height, "width": gen.width} if gen else {}
+    adapter = adapter_for(pipe, text_kwargs, **sampled)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
@@ -184,6 +185,7 @@ def _optimizer(cfg: TrainSection, params: list[torch.nn.Parameter]) -> torch.opt
 
 def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = False) -> Path:
     from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
     from diffusers.optimization import get_scheduler
 
     cfg = manifest.require("train")
@@ -204,10 +206,14 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     dataset = open_dataset(data_path, kind=kind, verify=False)
     if cfg.method == "pnapo" and "winner_noise" not in dataset.features:
         raise StageError(f"{data_path}: PNAPO needs both samples' recorded prior noise and these pairs have none "
-                         "(an external import?); use method 'dpo' for noise-free pairs")
+                         "(an external import, or a MaskGIT model, which records seeds only); use method 'dpo' for noise-free pairs")
 
+    tensorboard = is_tensorboard_available()  # log.jsonl always; TensorBoard events too where it is installed
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")  # events under <out>/tensorboard/
     torch.manual_seed(cfg.seed)
     pipe, adapter = load_generator(manifest, accelerator.device)
     policy = adapter.denoiser
@@ -222,7 +228,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         reference = copy.deepcopy(policy).to(ref_device).requires_grad_(False).eval()
         policy.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
+        adapter.enable_gradient_checkpointing(policy)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
@@ -288,6 +294,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         if accelerator.is_main_process and (step % cfg.log_every == 0 or step == cfg.max_steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            accelerator.log(record, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(accelerator, ckpt_dir, step, micro, cfg.checkpoint_limit)
     accelerator.wait_for_everyone()
@@ -295,7 +302,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
         (out / DONE).unlink(missing_ok=True)
         write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final), "config_hash": config_hash,
-                                       "format": "lora" if cfg.lora else "pipeline", "data": str(data_path)})
+                                       "format": lora_format(pipe) if cfg.lora else "pipeline", "data": str(data_path)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -311,13 +318,22 @@ def save_checkpoint(accelerator, directory: Path, step: int, micro: int, limit: 
         write_json_atomic(path / "trainer_state.json", {"step": step, "micro": micro})
 
 
+def lora_format(pipe) -> str:
+    """'lora': load with `pipe.load_lora_weights(dir)`; 'lora_adapter' (pipelines without LoRA loading):
+    `pipe.<denoiser>.load_lora_adapter(dir, prefix=None, use_safetensors=True)`."""
+    return "lora" if hasattr(pipe, "save_lora_weights") else "lora_adapter"
+
+
 def save_final(pipe, adapter: Adapter, policy, cfg: TrainSection, out: Path) -> Path:
     """A diffusers pipeline dir (full fine-tune) or LoRA weights for the pipeline's `load_lora_weights`."""
     if cfg.lora is not None:
         from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(policy)
         target = out / "lora"
+        if not hasattr(pipe, "save_lora_weights"):  # e.g. AmusedPipeline: the model's own peft adapter format
+            policy.save_lora_adapter(str(target))
+            return target
+        layers = get_peft_model_state_dict(policy)
         type(pipe).save_lora_weights(str(target), **{f"{adapter.denoiser_name}_lora_layers": layers})
         return target
     setattr(pipe, adapter.denoiser_name, policy)
