@@ -27,7 +27,7 @@ from pipeline.offline_tokenizers import clip_tokenizer, t5_tokenizer
 from rewards.digits import WORDS, DigitCNN, DigitMLP, save_classifier
 
 log = logging.getLogger("tauflow")
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 SIZE = 16
 MAX_TOKENS = 10
 BUILD_THREADS = 2
@@ -144,9 +144,12 @@ def train_transformer(pipe, images: torch.Tensor, labels: np.ndarray, seed: int,
     return float(np.mean(losses[-50:]))
 
 
-def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, seed: int, steps: int) -> torch.nn.Module:
-    """Cross-entropy with shift and noise augmentation (generated digits are not pixel-perfect)."""
+def train_classifier(model_cls: type[torch.nn.Module], images: torch.Tensor, labels: np.ndarray, seed: int,
+                     steps: int) -> torch.nn.Module:
+    """Cross-entropy with shift and noise augmentation (generated digits are not pixel-perfect). The model is
+    initialised here, after seeding, so that it does not depend on what the process drew before."""
     torch.manual_seed(seed)
+    model = model_cls(SIZE)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = images[:, :1], torch.from_numpy(labels)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -180,15 +183,18 @@ def build_world(directory: str | Path, seed: int = 0, *, vae_steps: int = 400, f
         log.info("world: %s is built; reusing it", directory)
         return directory
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)  # a fixed thread count keeps builds bit-for-bit reproducible
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    # A fixed thread count and deterministic kernels (the backward of the prompt-embedding lookup otherwise
+    # accumulates in thread order) keep builds bit-for-bit reproducible across processes.
+    torch.set_num_threads(BUILD_THREADS)
+    torch.use_deterministic_algorithms(True)
     try:
         images, labels = digit_images()
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(labels))
         half_a, half_b = order[: len(order) // 2], order[len(order) // 2 :]
-        fidelity = train_classifier(DigitMLP(SIZE), images[half_a], labels[half_a], seed, classifier_steps)
-        heldout = train_classifier(DigitCNN(SIZE), images[half_b], labels[half_b], seed + 1, classifier_steps)
+        fidelity = train_classifier(DigitMLP, images[half_a], labels[half_a], seed, classifier_steps)
+        heldout = train_classifier(DigitCNN, images[half_b], labels[half_b], seed + 1, classifier_steps)
         save_classifier(fidelity, "mlp", SIZE, directory / "rewards" / "fidelity")
         save_classifier(heldout, "cnn", SIZE, directory / "rewards" / "heldout")
         vae, vae_loss = train_vae(images, seed, vae_steps)
@@ -207,6 +213,7 @@ def build_world(directory: str | Path, seed: int = 0, *, vae_steps: int = 400, f
         write_prompts(directory / "prompts", n_train_prompts, n_eval_prompts, seed)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     report = {
         "settings": settings,
         "seconds": round(time.perf_counter() - start, 1),
