@@ -38,9 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-               "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(args.out)
+    # --only refreshes those benchmarks and keeps the others' figures
+    results = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results |= {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                "date": time.strftime("%Y-%m-%d %H:%M")}
     for name in args.only or BENCHES:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
             fn = BENCHES[name]
@@ -48,7 +51,7 @@ def main() -> None:
             results[name] = fn(Path(tmp), (10_000_000,)) if name == "threshold" and args.quick else fn(Path(tmp))
             results[name]["bench_seconds"] = time.perf_counter() - start
             print(f"{name}: done in {results[name]['bench_seconds']:.0f} s", flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     print("\n| benchmark | figure | value |\n|---|---|---|")
     for name in BENCHES:
         for key, value in flatten("", results.get(name, {})):

@@ -33,15 +33,41 @@ def _existing_path(value: Path) -> Path:
 
 
 
+def files_fingerprint(ref: str | None) -> str | None:
+    """The on-disk identity of a local model file or directory (paths, sizes, modification times), or None for
+    a hub id. A model rebuilt or retrained in place changes it, so what was made from the old weights is never
+    silently reused (a copied directory counts as changed too: redoing work beats reusing stale results)."""
+    if ref is None or not _looks_local(ref):
+        return None
+    root = Path(ref).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stats = [(str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # Fields that only change how a stage runs, not what it writes.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Fields naming weights (hub ids or local paths): local ones enter the hash by their files' fingerprint.
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def local_files(self) -> dict[str, str]:
+        """Fingerprints of the local weights this section (and the sections inside it) names, by key path."""
+        found = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                if isinstance(item, Section):
+                    found |= {f"{name}.{i}.{k}": v for k, v in item.local_files().items()}
+            if name in self.MODEL_FIELDS and isinstance(value, str) and (fingerprint := files_fingerprint(value)):
+                found[name] = fingerprint
+        return found
 
     def content_hash(self, **extra: Any) -> str:
-        """Hash of everything that determines this stage's output."""
+        """Hash of everything that determines this stage's output, the local weights it reads included."""
         content = self.model_dump(mode="json", exclude=set(self.EXECUTION_FIELDS))
-        blob = json.dumps({"section": content, **extra}, sort_keys=True, default=str)
+        blob = json.dumps({"section": content, "files": self.local_files(), **extra}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -65,6 +91,7 @@ class RunSection(Section):
 
 class GenerateSection(Section):
     EXECUTION_FIELDS = frozenset({"num_workers", "cpus_per_worker", "gpus_per_worker", "max_retries", "device"})
+    MODEL_FIELDS = ("model",)
 
     model: str
     revision: str | None = None
@@ -97,6 +124,7 @@ class GenerateSection(Section):
 
 
 class RewardSpec(Section):
+    MODEL_FIELDS = ("checkpoint", "model", "tokenizer")
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
     kind: str
     checkpoint: str | None = None
@@ -196,6 +224,7 @@ class DynamicBetaSpec(Section):
 
 class TrainSection(Section):
     EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
+    MODEL_FIELDS = ("model",)
 
     method: Literal["tgo", "pnapo", "dpo", "kto", "sft"] | None = None
     methods: list[Literal["tgo", "pnapo", "dpo", "kto", "sft"]] | None = None  # several, same budget

@@ -148,3 +148,15 @@ def test_cli_generate_inspect_regenerate(generate_manifest, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_diff"] == 0
     assert main(["validate", str(manifest), "generate.height=0"]) == 2
     assert "generate.height: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_a_model_rebuilt_in_place_is_not_silently_reused(generate_manifest, tiny_model, tmp_path):
+    from tiny_models import save_tiny
+
+    model = shutil.copytree(tiny_model("sd3"), tmp_path / "model")
+    manifest = load_manifest(generate_manifest("sd3", model=str(model)))
+    path = run_generate(manifest)
+    assert run_generate(load_manifest(manifest.source)) == path  # unchanged weights: the finished dataset is reused
+    save_tiny("sd3", model, seed=1)  # retrained in place, same path
+    with pytest.raises(DatasetError, match="started with a different configuration"):
+        run_generate(load_manifest(manifest.source))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Manifest, TrainSection
+from pipeline.config import Manifest, TrainSection, files_fingerprint
 from pipeline.errors import StageError
 from pipeline.shards import open_dataset, write_json_atomic
 from trainer.adapters import Adapter, adapter_for
@@ -192,7 +192,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     out = train_dir(manifest)
     if overwrite and out.exists():
         shutil.rmtree(out)
-    config_hash = cfg.content_hash(model=cfg.model or (manifest.generate.model if manifest.generate else None))
+    start_model = cfg.model or (manifest.generate.model if manifest.generate else None)
+    config_hash = cfg.content_hash(model=start_model, model_files=files_fingerprint(start_model))
     if (out / DONE).exists() and resume is None:  # a finished run; --resume with a larger max_steps extends it
         if json.loads((out / DONE).read_text()).get("config_hash") != config_hash:
             raise StageError(f"{out}: was trained with a different configuration; rerun with --overwrite to replace it")
