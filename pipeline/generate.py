@@ -58,7 +58,7 @@ def load_model(ref: str, *, revision: str | None = None, variant: str | None = N
     transformers.utils.logging.disable_progress_bar()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            ref, revision=revision, variant=variant, torch_dtype=DTYPES[torch_dtype],
+            ref, revision=revision, variant=variant, dtype=DTYPES[torch_dtype],
             local_files_only=local_files_only, trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
