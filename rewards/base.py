@@ -38,6 +38,7 @@ class PixelReward:
 
     name: str
     preprocess_key: str
+    model: torch.nn.Module
     device: str = "cpu"
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
@@ -50,7 +51,8 @@ class PixelReward:
         return self.score_pixels(self.preprocess(images), prompts)
 
     def modules(self) -> list[torch.nn.Module]:
-        raise NotImplementedError
+        """The torch modules to place on the device: by default the reward's one `model`."""
+        return [self.model]
 
     def to(self, device: str) -> PixelReward:
         self.device = device

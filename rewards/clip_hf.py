@@ -45,9 +45,6 @@ class HFClip(PixelReward):
         check_tokenizer(self.tokenizer, spec.tokenizer or processor_ref)
         self.preprocess_key = f"hf-processor:{processor_ref}"
 
-    def modules(self) -> list[nn.Module]:
-        return [self.model]
-
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 

@@ -95,9 +95,6 @@ class DigitReward(PixelReward):
         load_strict(self.model, load_state_dict(path), path)
         self.preprocess_key = f"gray-{self.size}"
 
-    def modules(self) -> list[nn.Module]:
-        return [self.model]
-
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return to_gray_tensor(images, self.size)
 

@@ -46,9 +46,6 @@ class HPSv2(PixelReward):
         self.scale = float(spec.options.get("scale", 1.0))
         self.preprocess_key = f"letterbox-{self.size}"
 
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
-
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return letterbox(images, self.size)
 

@@ -149,9 +149,6 @@ class ImageReward(PixelReward):
         self.size = vit["image_size"]
         self.preprocess_key = f"center-crop-{self.size}"
 
-    def modules(self) -> list[nn.Module]:
-        return [self.model]
-
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return resize_center_crop(images, self.size)
 
