@@ -22,9 +22,11 @@ import numpy as np
 
 from pipeline.config import GenerateSection, Manifest, RewardSpec
 from pipeline.errors import StageError
+from pipeline.families import load_lora
 from pipeline.generate import SampleGenerator, load_model, pick_device
 from pipeline.prompts import load_prompts
 from pipeline.readers import decode_png
+from pipeline.score import decode_images
 from pipeline.shards import write_json_atomic
 
 log = logging.getLogger("tauflow")
@@ -35,7 +37,7 @@ TIE = 1e-6
 class Model:
     name: str
     path: str
-    format: str  # "base", "pipeline" or "lora"
+    format: str  # "base", "pipeline", or a LoRA format ("lora", "lora_adapter")
 
 
 def discover_models(manifest: Manifest) -> list[Model]:
@@ -64,10 +66,10 @@ def _done_stamp(model: Model) -> str | None:
 
 
 def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
-    ref = gen.model if model.format in ("base", "lora") else model.path
+    ref = model.path if model.format == "pipeline" else gen.model
     pipe = load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device)
-    if model.format == "lora":
-        pipe.load_lora_weights(model.path)
+    if model.format not in ("base", "pipeline"):
+        load_lora(pipe, model.path)
     return pipe
 
 
@@ -124,6 +126,7 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
     }
     images: dict[str, list[bytes]] = {}
     base_scores: dict[str, np.ndarray] = {}
+    base_pixels: np.ndarray | None = None
     rng = np.random.default_rng(cfg.seed)
     for model in models:
         log.info("eval: generating and scoring %s", model.name)
@@ -131,8 +134,6 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
         table = sampler.table(prompts)
         pngs = [v["bytes"] for v in table["image"].to_pylist()]
         images[model.name] = pngs
-        from pipeline.score import decode_images
-
         scores = bank.score_batches(lambda t=table: [(decode_images(t["image"]), t["prompt"].to_pylist())])
         entry: dict[str, Any] = {"name": model.name, "format": model.format, "path": model.path, "rewards": {}}
         for name, values in scores.items():
@@ -142,8 +143,10 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
                 base_scores[name] = grid
             else:
                 entry["rewards"][name]["vs_base"] = paired(grid, base_scores[name], cfg.bootstrap, rng)
-        if model.name != "base":
-            entry["drift"] = float(np.abs(_pixels(pngs) - _pixels(images["base"])).mean())
+        if model.name == "base":
+            base_pixels = _pixels(pngs)
+        else:
+            entry["drift"] = float(np.abs(_pixels(pngs) - base_pixels).mean())
         results["models"].append(entry)
         results.setdefault("scores", {})[model.name] = {n: v.tolist() for n, v in scores.items()}
     write_json_atomic(out / "results.json", results)

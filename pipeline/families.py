@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,25 @@ def family_of(pipe: Any) -> str:
     if name not in FAMILIES:
         raise StageError(f"unsupported pipeline class {name}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The trained network: the UNet (diffusion) or the transformer (rectified flow, MaskGIT)."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def lora_format(pipe: Any) -> str:
+    """How a LoRA for `pipe` is stored: 'lora' (the pipeline's own `save/load_lora_weights`), or 'lora_adapter'
+    (pipelines without LoRA loading, e.g. AmusedPipeline: the denoiser's peft adapter format)."""
+    return "lora" if hasattr(pipe, "load_lora_weights") else "lora_adapter"
+
+
+def load_lora(pipe: Any, path: str | Path) -> None:
+    """Load a LoRA saved by `tauflow train` into `pipe`, in its family's format."""
+    if lora_format(pipe) == "lora":
+        pipe.load_lora_weights(str(path))
+    else:
+        denoiser_of(pipe).load_lora_adapter(str(path), prefix=None, use_safetensors=True)
 
 
 @dataclass(frozen=True)
@@ -58,8 +78,7 @@ class NoiseLayout:
         f = pipe.vae_scale_factor
         if name == "FluxPipeline":
             return (pipe.transformer.config.in_channels // 4, 2 * (self.height // (f * 2)), 2 * (self.width // (f * 2)))
-        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-        return (denoiser.config.in_channels, self.height // f, self.width // f)
+        return (denoiser_of(pipe).config.in_channels, self.height // f, self.width // f)
 
     def capture_final_latents(self, store: list) -> dict[str, Any]:
         """Keyword arguments that record the sampler's final latent (unpacked, like the noise) into `store`.

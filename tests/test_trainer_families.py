@@ -11,7 +11,7 @@ import torch
 from train_harness import make_step, one_sgd_step, prepare_run
 
 from pipeline.errors import StageError
-from pipeline.families import NoiseLayout
+from pipeline.families import NoiseLayout, denoiser_of, load_lora
 from pipeline.generate import load_model
 from trainer.recipe import train
 
@@ -85,8 +85,7 @@ def test_full_fine_tune_with_checkpointing_and_8bit_adam_saves_a_loadable_pipeli
     out = train(manifest)
     done = json.loads((out / "done.json").read_text())
     trained, base = load_model(done["final"]), load_model(manifest.generate.model)
-    name = "unet" if family == "sd" else "transformer"
-    moved = [(a - b).abs().max().item() for a, b in zip(getattr(trained, name).parameters(), getattr(base, name).parameters())]
+    moved = [(a - b).abs().max().item() for a, b in zip(denoiser_of(trained).parameters(), denoiser_of(base).parameters(), strict=True)]
     assert max(moved) > 0  # the optimizer really stepped
     assert abs(_images(trained) - _images(base)).max() > 0
 
@@ -102,14 +101,10 @@ def test_lora_weights_load_into_the_pipeline(runs, family, tmp_path):
     done = json.loads((out / "done.json").read_text())
     base = manifest.generate.model
     loaded = load_model(base)
-    denoiser = "unet" if family in ("sd", "sdxl") else "transformer"
-    if done["format"] == "lora":
-        loaded.load_lora_weights(done["final"])
-    else:
-        assert done["format"] == "lora_adapter" and family == "amused"
-        getattr(loaded, denoiser).load_lora_adapter(done["final"], prefix=None, use_safetensors=True)
+    assert done["format"] == ("lora_adapter" if family == "amused" else "lora")  # no load_lora_weights on aMUSEd
+    load_lora(loaded, done["final"])  # what eval does
     trained = load_model(base)  # the policy exactly as training left it
-    getattr(trained, denoiser).add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    getattr(trained, denoiser).load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
+    denoiser_of(trained).add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    denoiser_of(trained).load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
     a, b, c = _images(loaded), _images(trained), _images(load_model(base))
     assert abs(a - b).max() < 1e-5 and abs(a - c).max() > 1e-4

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import Manifest, TrainSection, files_fingerprint
 from pipeline.errors import StageError
+from pipeline.families import lora_format
 from pipeline.shards import open_dataset, write_json_atomic
 from trainer.adapters import Adapter, adapter_for
 from trainer.data import GlobalBatches
@@ -266,7 +267,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     per_epoch = data.batches_per_epoch
     epoch, skip = divmod(micro, per_epoch)
     batches = data.epoch(epoch, skip=skip)
-    tick = time.perf_counter()
+    tick, logged = time.perf_counter(), step
     while step < cfg.max_steps:
         try:
             batch = next(batches)
@@ -285,17 +286,19 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         if not accelerator.sync_gradients:
             continue
         step += 1
-        now = time.perf_counter()
-        record = {
-            "step": step, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), **metrics,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr_scheduler.get_last_lr()[0],
-            "samples_per_s": cfg.batch_size * cfg.gradient_accumulation_steps / max(now - tick, 1e-9), "epoch": epoch,
-        }
-        tick = now
-        if accelerator.is_main_process and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            accelerator.log(record, step=step)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:  # same steps on every rank: reduce is collective
+            now = time.perf_counter()
+            record = {
+                "step": step, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), **metrics,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_s": (step - logged) * cfg.batch_size * cfg.gradient_accumulation_steps / max(now - tick, 1e-9),
+                "epoch": epoch,
+            }
+            tick, logged = now, step
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                accelerator.log(record, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(accelerator, ckpt_dir, step, micro, cfg.checkpoint_limit)
     accelerator.wait_for_everyone()
@@ -311,18 +314,13 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
 
 def save_checkpoint(accelerator, directory: Path, step: int, micro: int, limit: int) -> None:
     if accelerator.is_main_process:
-        for old in _checkpoints(directory)[: max(0, len(_checkpoints(directory)) - limit + 1)]:
+        existing = _checkpoints(directory)
+        for old in existing[: max(0, len(existing) - limit + 1)]:
             shutil.rmtree(old)
     path = directory / f"checkpoint-{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         write_json_atomic(path / "trainer_state.json", {"step": step, "micro": micro})
-
-
-def lora_format(pipe) -> str:
-    """'lora': load with `pipe.load_lora_weights(dir)`; 'lora_adapter' (pipelines without LoRA loading):
-    `pipe.<denoiser>.load_lora_adapter(dir, prefix=None, use_safetensors=True)`."""
-    return "lora" if hasattr(pipe, "save_lora_weights") else "lora_adapter"
 
 
 def save_final(pipe, adapter: Adapter, policy, cfg: TrainSection, out: Path) -> Path:
@@ -331,7 +329,7 @@ def save_final(pipe, adapter: Adapter, policy, cfg: TrainSection, out: Path) -> 
         from peft.utils import get_peft_model_state_dict
 
         target = out / "lora"
-        if not hasattr(pipe, "save_lora_weights"):  # e.g. AmusedPipeline: the model's own peft adapter format
+        if lora_format(pipe) == "lora_adapter":
             policy.save_lora_adapter(str(target))
             return target
         layers = get_peft_model_state_dict(policy)
