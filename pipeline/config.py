@@ -237,7 +237,7 @@ class TrainSection(Section):
     kto_desirable_weight: float = Field(1.0, gt=0)
     kto_undesirable_weight: float = Field(1.0, gt=0)
     sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    logit_mean: float = 0.0
+    logit_mean: float | None = None  # default per method: pnapo 2.0 (noise-heavy sigmas, see trainer/losses/pnapo.py), else 0
     logit_std: float = Field(1.0, gt=0)
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)  # global batch, split over processes
@@ -260,6 +260,13 @@ class TrainSection(Section):
 
     _model_exists = field_validator("model")(ModelRef.check)
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") and data.get("logit_mean") is None:
+            data = {**data, "logit_mean": 2.0 if data["method"] == "pnapo" else 0.0}
+        return data
 
     @model_validator(mode="after")
     def _one_way_to_name_methods(self) -> TrainSection:

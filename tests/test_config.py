@@ -127,3 +127,12 @@ def test_content_hash_ignores_execution_settings_only(tmp_path, base):
     more_images = m.generate.model_copy(update={"images_per_prompt": 9})
     assert more_workers.content_hash() == m.generate.content_hash()
     assert more_images.content_hash() != m.generate.content_hash()
+
+
+def test_pnapo_samples_noise_heavy_sigmas_unless_told_otherwise(tmp_path, base):
+    train = {"methods": ["pnapo", "dpo"], "max_steps": 5}
+    jobs = load_manifest(_write(tmp_path, {**base, "train": train})).train.jobs()
+    assert [(j.method, j.logit_mean) for j in jobs] == [("pnapo", 2.0), ("dpo", 0.0)]
+    told = {**train, "logit_mean": 0.5, "per_method": {"dpo": {"logit_mean": 1.0}}}
+    jobs = load_manifest(_write(tmp_path, {**base, "train": told})).train.jobs()
+    assert [(j.method, j.logit_mean) for j in jobs] == [("pnapo", 0.5), ("dpo", 1.0)]

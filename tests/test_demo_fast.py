@@ -1,5 +1,6 @@
 """A fast variant of manifests/demo.yaml: a smaller digits world, fewer prompts and steps, the same stages.
-It asserts the direction of the effect: TGO raises the training reward over the base on held-out prompts.
+It asserts the direction of the effect: TGO and PNAPO each raise the training reward over the base on held-out
+prompts.
 And the world itself is rebuilt bit for bit in another process."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pipeline.digits_world import build_world
 pytestmark = pytest.mark.slow
 
 
-def test_fast_demo_tgo_raises_the_training_reward(tmp_path):
+def test_fast_demo_tgo_and_pnapo_raise_the_training_reward(tmp_path):
     world = build_world(tmp_path / "world", vae_steps=300, flow_steps=1400, classifier_steps=200,
                         n_train_prompts=60, n_eval_prompts=30)
     stamp = json.loads((world / "world.json").read_text())
@@ -27,14 +28,14 @@ def test_fast_demo_tgo_raises_the_training_reward(tmp_path):
         f"run.output_dir={tmp_path / 'run'}", "run.executor=local",
         f"generate.model={world / 'base'}", f"generate.prompts={world / 'prompts' / 'train.txt'}",
         f"score.rewards=[{{name: fidelity, kind: digit, checkpoint: {rewards}/fidelity}}]",
-        "train.methods=[tgo]", "train.max_steps=120",
+        "train.methods=[tgo, pnapo]", "train.max_steps=120",
         f"eval.prompts={world / 'prompts' / 'eval.txt'}",
         f"eval.rewards=[{{name: heldout, kind: digit, checkpoint: {rewards}/heldout}}]",
     ]
     assert main(["run", "manifests/demo.yaml", *overrides]) == 0
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
-    tgo = next(m for m in results["models"] if m["name"] == "tgo")
-    assert tgo["rewards"]["fidelity"]["vs_base"]["delta"] > 0
+    deltas = {m["name"]: m["rewards"]["fidelity"]["vs_base"]["delta"] for m in results["models"] if m["name"] != "base"}
+    assert set(deltas) == {"tgo", "pnapo"} and all(d > 0 for d in deltas.values()), deltas
     assert (tmp_path / "run" / "eval" / "report.html").exists()
 
 
