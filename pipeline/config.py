@@ -224,7 +224,7 @@ class DynamicBetaSpec(Section):
 
 class TrainSection(Section):
     EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
-    MODEL_FIELDS = ("model",)
+    # no MODEL_FIELDS: the train stage fingerprints the model it starts from, `model` or generate's (recipe.train)
 
     method: Literal["tgo", "pnapo", "dpo", "kto", "sft"] | None = None
     methods: list[Literal["tgo", "pnapo", "dpo", "kto", "sft"]] | None = None  # several, same budget
