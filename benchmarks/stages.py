@@ -46,12 +46,12 @@ def bench_generate(tmp: Path) -> dict:
     worker = GenerateWorker(cfg.model_dump(mode="json"), 0, str(out))  # model load excluded from both timings
     prompts, _ = load_prompts(cfg.prompts)
     units = plan_units(prompts, cfg.prompts_per_shard)
-    pipe, layout = worker.generator.pipe, worker.generator.layout
+    pipe, family = worker.generator.pipe, worker.generator.family
 
     def bare():
         for p in prompts:
             seeds = [sample_seed(0, p.prompt_id, i) for i in range(cfg.images_per_prompt)]
-            noise = torch.stack([prior_noise(s, layout.shape) for s in seeds]).float()
+            noise = torch.stack([prior_noise(s, family.noise_shape) for s in seeds]).float()
             pipe(prompt=[p.text] * len(seeds), num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                  height=cfg.height, width=cfg.width, latents=noise, output_type="pil")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import GenerateSection, Manifest, RewardSpec
 from pipeline.errors import StageError
-from pipeline.families import load_lora
+from pipeline.families import family_of
 from pipeline.generate import SampleGenerator, load_model, pick_device
 from pipeline.prompts import load_prompts
 from pipeline.readers import decode_png
@@ -69,7 +69,7 @@ def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
     ref = model.path if model.format == "pipeline" else gen.model
     pipe = load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device)
     if model.format not in ("base", "pipeline"):
-        load_lora(pipe, model.path)
+        family_of(pipe).load_lora(model.path)
     return pipe
 
 

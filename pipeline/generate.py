@@ -23,7 +23,7 @@ from datasets import Features
 from pipeline.config import GenerateSection, Manifest
 from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
-from pipeline.families import NoiseLayout
+from pipeline.families import family_of
 from pipeline.prompts import Prompt, load_prompts
 from pipeline.schema import noise_to_arrow, samples_features
 from pipeline.seeds import prior_noise, sample_id, sample_seed
@@ -94,15 +94,15 @@ class SampleGenerator:
     def __init__(self, cfg: GenerateSection, run_seed: int, pipe: Any = None):
         self.cfg, self.run_seed = cfg, run_seed
         self.pipe = pipe if pipe is not None else load_pipeline(cfg, pick_device(cfg.device))
-        self.layout = NoiseLayout(self.pipe, cfg.height, cfg.width)
-        self.features = samples_features(self.layout.shape, cfg.noise_dtype)
+        self.family = family_of(self.pipe, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale)
+        self.features = samples_features(self.family.noise_shape, cfg.noise_dtype)
         self.encoder = ThreadPoolExecutor(max_workers=1)  # PNG encoding overlaps the next batch
 
     def images(self, prompts: list[Prompt], seeds: list[int], noise: torch.Tensor | None,
                final_latents: list | None = None) -> list[Any]:
         """Images for one batch; the sampler's final latents are appended to `final_latents` when given."""
         cfg = self.cfg
-        capture = self.layout.capture_final_latents(final_latents) if final_latents is not None else {}
+        capture = self.family.capture_final_latents(final_latents) if final_latents is not None else {}
         negatives = [p.negative_prompt or cfg.negative_prompt or "" for p in prompts]
         out = self.pipe(
             prompt=[p.text for p in prompts],
@@ -113,7 +113,7 @@ class SampleGenerator:
             width=cfg.width,
             output_type="pil",
             **cfg.pipeline_kwargs,
-            **self.layout.call_kwargs(noise, seeds),
+            **self.family.call_kwargs(noise, seeds),
             **capture,
         )
         return out.images
@@ -122,9 +122,9 @@ class SampleGenerator:
         cfg, k = self.cfg, self.cfg.images_per_prompt
         rows = [(p, i) for p in prompts for i in range(k)]
         seeds = [sample_seed(self.run_seed, p.prompt_id, i) for p, i in rows]
-        shape, noise_dtype = self.layout.shape, DTYPES[cfg.noise_dtype]
+        shape, noise_dtype = self.family.noise_shape, DTYPES[cfg.noise_dtype]
         noise = torch.stack([prior_noise(s, shape, noise_dtype) for s in seeds]) if shape else None
-        step = self.layout.max_batch or cfg.batch_size
+        step = self.family.max_batch or cfg.batch_size
         pngs, finals = [], []
         for lo in range(0, len(rows), step):
             batch_noise = noise[lo : lo + step] if noise is not None else None
@@ -248,7 +248,7 @@ def regenerate(dataset_dir: str | Path, sample_id_: str, device: str = "cpu") ->
     if "noise" in row.column_names:
         from pipeline.schema import noise_from_arrow
 
-        noise = torch.from_numpy(noise_from_arrow(row["noise"], gen.layout.shape).copy())
+        noise = torch.from_numpy(noise_from_arrow(row["noise"], gen.family.noise_shape).copy())
     image = gen.images([prompt], [seed], noise)[0]
     stored = decode_png(row["image"][0].as_py()["bytes"])
     return stored, np.asarray(image.convert("RGB"))

@@ -11,7 +11,7 @@ import torch
 from train_harness import make_step, one_sgd_step, prepare_run
 
 from pipeline.errors import StageError
-from pipeline.families import NoiseLayout, denoiser_of, load_lora
+from pipeline.families import family_of
 from pipeline.generate import load_model
 from trainer.recipe import train
 
@@ -33,11 +33,11 @@ def runs(tmp_path_factory, tiny_model):
 
 def _images(pipe, seed: int = 0):
     """Two images from fixed prior noise (or, for aMUSEd, a fixed seed)."""
-    layout = NoiseLayout(pipe, 16, 16)
-    if layout.shape is None:  # MaskGIT: a seeded generator for the call
-        kwargs = layout.call_kwargs(None, [seed])
+    family = family_of(pipe, height=16, width=16)
+    if not family.records_noise:  # MaskGIT: a seeded generator for the call
+        kwargs = family.call_kwargs(None, [seed])
     else:
-        kwargs = layout.call_kwargs(torch.randn(2, *layout.shape, generator=torch.Generator().manual_seed(seed)), [])
+        kwargs = family.call_kwargs(torch.randn(2, *family.noise_shape, generator=torch.Generator().manual_seed(seed)), [])
     return pipe(prompt=["a red cat", "a blue dog"], num_inference_steps=2, height=16, width=16, guidance_scale=2.0,
                 output_type="np", **kwargs).images
 
@@ -85,7 +85,7 @@ def test_full_fine_tune_with_checkpointing_and_8bit_adam_saves_a_loadable_pipeli
     out = train(manifest)
     done = json.loads((out / "done.json").read_text())
     trained, base = load_model(done["final"]), load_model(manifest.generate.model)
-    moved = [(a - b).abs().max().item() for a, b in zip(denoiser_of(trained).parameters(), denoiser_of(base).parameters(), strict=True)]
+    moved = [(a - b).abs().max().item() for a, b in zip(family_of(trained).denoiser.parameters(), family_of(base).denoiser.parameters(), strict=True)]
     assert max(moved) > 0  # the optimizer really stepped
     assert abs(_images(trained) - _images(base)).max() > 0
 
@@ -102,9 +102,10 @@ def test_lora_weights_load_into_the_pipeline(runs, family, tmp_path):
     base = manifest.generate.model
     loaded = load_model(base)
     assert done["format"] == ("lora_adapter" if family == "amused" else "lora")  # no load_lora_weights on aMUSEd
-    load_lora(loaded, done["final"])  # what eval does
+    family_of(loaded).load_lora(done["final"])  # what eval does
     trained = load_model(base)  # the policy exactly as training left it
-    denoiser_of(trained).add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    denoiser_of(trained).load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
+    denoiser = family_of(trained).denoiser
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    denoiser.load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
     a, b, c = _images(loaded), _images(trained), _images(load_model(base))
     assert abs(a - b).max() < 1e-5 and abs(a - c).max() > 1e-4

@@ -21,9 +21,9 @@ import torch
 
 from pipeline.config import Manifest, TrainSection, files_fingerprint
 from pipeline.errors import StageError
-from pipeline.families import lora_format
+from pipeline.families import Family, family_of, lora_format
+from pipeline.families import Family as Adapter  # the name Latents and Step annotate with
 from pipeline.shards import open_dataset, write_json_atomic
-from trainer.adapters import Adapter, adapter_for
 from trainer.data import GlobalBatches
 from trainer.losses import DynamicBeta, dpo_loss, kto_loss, pnapo_loss, sft_loss, tgo_loss
 
@@ -53,7 +53,7 @@ def train_dir(manifest: Manifest) -> Path:
     return manifest.output_dir / "train" / manifest.require("train").method
 
 
-def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Adapter]:
+def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Family]:
     from pipeline.generate import load_model
 
     cfg = manifest.require("train")
@@ -66,11 +66,11 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Adapt
     if gen and "max_sequence_length" in gen.pipeline_kwargs:
         text_kwargs["max_sequence_length"] = gen.pipeline_kwargs["max_sequence_length"]
     sampled = {"guidance_scale": gen.guidance_scale, "height": gen.height, "width": gen.width} if gen else {}
-    adapter = adapter_for(pipe, text_kwargs, **sampled)
+    family = family_of(pipe, text_kwargs=text_kwargs, **sampled)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
-    return pipe, adapter
+    return pipe, family
 
 
 class Latents:
@@ -323,19 +323,13 @@ def save_checkpoint(accelerator, directory: Path, step: int, micro: int, limit: 
         write_json_atomic(path / "trainer_state.json", {"step": step, "micro": micro})
 
 
-def save_final(pipe, adapter: Adapter, policy, cfg: TrainSection, out: Path) -> Path:
-    """A diffusers pipeline dir (full fine-tune) or LoRA weights for the pipeline's `load_lora_weights`."""
+def save_final(pipe, family: Family, policy, cfg: TrainSection, out: Path) -> Path:
+    """A diffusers pipeline dir (full fine-tune) or LoRA weights in the family's format."""
     if cfg.lora is not None:
-        from peft.utils import get_peft_model_state_dict
-
         target = out / "lora"
-        if lora_format(pipe) == "lora_adapter":
-            policy.save_lora_adapter(str(target))
-            return target
-        layers = get_peft_model_state_dict(policy)
-        type(pipe).save_lora_weights(str(target), **{f"{adapter.denoiser_name}_lora_layers": layers})
+        family.save_lora(policy, target)
         return target
-    setattr(pipe, adapter.denoiser_name, policy)
+    setattr(pipe, family.denoiser_name, policy)
     target = out / "pipeline"
     policy.eval()
     pipe.save_pretrained(str(target))
