@@ -73,13 +73,16 @@ def test_nan_scores_are_an_error_naming_samples(scored_manifest):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_score_on_ray_equals_local(ray_local, scored_manifest, tiny_rewards, tmp_path):
-    rewards = {"hps": tiny_rewards["hps"], "ir": tiny_rewards["imagereward"]}
+    # the plug-in's module (tests.plugin_rewards) must import inside the Ray workers too
+    rewards = {"hps": tiny_rewards["hps"], "ir": tiny_rewards["imagereward"],
+               "bright": {"kind": "tests.plugin_rewards:Brightness"}}
     local = run_score(load_manifest(scored_manifest(rewards)))
     on_ray = run_score(load_manifest(scored_manifest(rewards, name="ray.yaml", executor="ray")), overwrite=True)
     assert local == on_ray  # same directory, rewritten by the Ray run
-    table = open_dataset(on_ray, verify=True).read(["score_hps", "score_ir"])
+    table = open_dataset(on_ray, verify=True).read(["score_hps", "score_ir", "score_bright"])
     direct = RewardBank(load_manifest(scored_manifest(rewards)).score.rewards)
     samples = open_dataset(on_ray).read(["image", "prompt"])
     want = direct.score_batches(lambda: [(decode_images(samples["image"]), samples["prompt"].to_pylist())])
     assert np.allclose(table["score_hps"].to_numpy(), want["hps"], rtol=1e-5, atol=1e-6)
     assert np.allclose(table["score_ir"].to_numpy(), want["ir"], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(table["score_bright"].to_numpy(), want["bright"])
