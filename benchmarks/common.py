@@ -1,4 +1,4 @@
-"""Timing helpers: medians of repeats with min/max, peak RSS of a child process, tiny models from the tests."""
+"""Timing helpers: medians of repeats with min/max, peak RSS of a child process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # tiny model builders shared with the test suite
 
 
 def timed(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:

@@ -11,7 +11,7 @@ from benchmarks.common import child, ratio, timed, timed_pair
 def _generate_manifest(tmp: Path, steps: int, size: int, batch: int, prompts: int, executor: str = "local",
                        per_shard: int = 2) -> Path:
     import yaml
-    from tiny_models import save_tiny
+    from tests.tiny_models import save_tiny
 
     model = tmp / "model"
     if not model.exists():
@@ -75,7 +75,7 @@ def bench_score(tmp: Path) -> dict:
     from pipeline.score import ScoreWorker, decode_images
     from pipeline.shards import open_dataset
     from rewards.bank import RewardBank
-    from tiny_rewards import reward_specs
+    from tests.tiny_rewards import reward_specs
 
     torch.set_num_threads(1)
     manifest = load_manifest(_generate_manifest(tmp, steps=2, size=64, batch=8, prompts=64, per_shard=16))
@@ -227,7 +227,7 @@ def bench_io(tmp: Path, rows: int = 4000) -> dict:
     vs raw pyarrow.parquet.write_table / read_table of the same table."""
     import pyarrow.parquet as pq
     from datasets import Features
-    from synthetic import samples_table
+    from tests.synthetic import samples_table
 
     from pipeline.shards import StageOutput, open_dataset
 

@@ -12,7 +12,7 @@ import yaml
 
 
 def _run(tmp: Path) -> Path:
-    from tiny_models import save_tiny
+    from tests.tiny_models import save_tiny
 
     from pipeline.config import load_manifest
     from pipeline.generate import run_generate
@@ -25,7 +25,7 @@ def _run(tmp: Path) -> Path:
         "run": {"name": "b", "output_dir": str(tmp / "out"), "executor": "local"},
         "generate": {"model": str(tmp / "model"), "prompts": str(tmp / "p.txt"), "images_per_prompt": 4,
                      "num_inference_steps": 2, "height": 32, "width": 32, "batch_size": 16},
-        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
+        "score": {"rewards": [{"name": "bright", "kind": "tests.plugin_rewards:Brightness"}]},
         "pair": {"reward": "bright", "strategy": "all"},
         "train": {"method": "dpo", "batch_size": 8, "max_steps": 40, "learning_rate": 1e-5, "log_every": 1,
                   "checkpoint_every": 1000},

@@ -31,6 +31,11 @@ def _existing_path(value: Path) -> Path:
     return path
 
 
+def _existing_model_ref(ref: str | None) -> str | None:
+    """Where weights come from: a hub id (checked when loaded) or a local directory/file, which must exist."""
+    if ref is not None and _looks_local(ref) and not Path(ref).expanduser().exists():
+        raise ValueError(f"local model path does not exist: {ref}")
+    return ref
 
 
 def files_fingerprint(ref: str | None) -> str | None:
@@ -71,16 +76,6 @@ class Section(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class ModelRef(Section):
-    """Where a model's weights come from: a hub id or a local directory/file."""
-
-    @staticmethod
-    def check(ref: str | None) -> str | None:
-        if ref is not None and _looks_local(ref) and not Path(ref).expanduser().exists():
-            raise ValueError(f"local model path does not exist: {ref}")
-        return ref
-
-
 class RunSection(Section):
     name: str = Field(min_length=1)
     output_dir: Path
@@ -119,7 +114,7 @@ class GenerateSection(Section):
     max_retries: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    _model_exists = field_validator("model")(ModelRef.check)
+    _model_exists = field_validator("model")(_existing_model_ref)
     _prompts_exist = field_validator("prompts")(_existing_path)
 
 
@@ -133,7 +128,7 @@ class RewardSpec(Section):
     local_files_only: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
 
-    _refs_exist = field_validator("checkpoint", "model", "tokenizer")(ModelRef.check)
+    _refs_exist = field_validator("checkpoint", "model", "tokenizer")(_existing_model_ref)
 
 
 class ScoreSection(Section):
@@ -258,7 +253,7 @@ class TrainSection(Section):
     checkpoint_limit: int = Field(2, gt=0)
     seed: int = Field(0, ge=0)
 
-    _model_exists = field_validator("model")(ModelRef.check)
+    _model_exists = field_validator("model")(_existing_model_ref)
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
 
     @model_validator(mode="before")

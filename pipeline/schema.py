@@ -88,10 +88,6 @@ def pairs_features(noise: Array3D | None) -> Features:
     return Features(features)
 
 
-def features_of(schema: pa.Schema) -> Features:
-    return Features.from_arrow_schema(schema)
-
-
 def noise_to_arrow(noise: np.ndarray, feature: Array3D) -> pa.Array:
     """(N, C, H, W) array -> Array3D column, built from offsets (no per-element Python work)."""
     shape = tuple(feature.shape)

@@ -13,7 +13,6 @@ receives the reward spec (`RewardSpec`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -111,37 +110,32 @@ def check_tokenizer(tokenizer: Any, ref: str) -> None:
         raise StageError(f"{ref}: tokenizer has only {len(tokenizer)} tokens: its files were not found (offline?)")
 
 
-def _registry() -> dict[str, Callable[[RewardSpec], Any]]:
-    from rewards.clip_hf import AestheticV2, ClipScore, PickScore
-    from rewards.digits import DigitReward
-    from rewards.hps import HPSv2
-    from rewards.image_reward import ImageReward
-
-    return {
-        "hpsv2": HPSv2, "hpsv2.1": HPSv2, "imagereward": ImageReward, "pickscore": PickScore,
-        "aesthetic": AestheticV2, "clipscore": ClipScore, "digit": DigitReward,
-    }
-
-
-BUILTIN_KINDS = ("hpsv2", "hpsv2.1", "imagereward", "pickscore", "aesthetic", "clipscore", "digit")
+# kind -> "module:Class", imported on first use through the plug-in path: heavy dependencies (open_clip,
+# transformers) load only for the kinds a manifest names, and base.py never imports its own subclasses.
+BUILTIN_KINDS: dict[str, str] = {
+    "hpsv2": "rewards.hps:HPSv2",
+    "hpsv2.1": "rewards.hps:HPSv2",
+    "imagereward": "rewards.image_reward:ImageReward",
+    "pickscore": "rewards.clip_hf:PickScore",
+    "aesthetic": "rewards.clip_hf:AestheticV2",
+    "clipscore": "rewards.clip_hf:ClipScore",
+}
 
 
 def build_reward(spec: RewardSpec) -> Reward:
     """Instantiate a built-in kind or a `module:Class` plug-in, checking it implements the protocol."""
-    if ":" in spec.kind:
-        module_name, _, cls_name = spec.kind.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError) as err:
-            raise StageError(f"score.rewards.{spec.name}: cannot import plug-in '{spec.kind}': {err}") from None
-    else:
-        registry = _registry()
-        if spec.kind not in registry:
-            raise StageError(
-                f"score.rewards.{spec.name}: unknown kind '{spec.kind}'; built-in kinds: {', '.join(BUILTIN_KINDS)}, "
-                "or a plug-in as 'module:Class'"
-            )
-        cls = registry[spec.kind]
+    target = BUILTIN_KINDS.get(spec.kind, spec.kind)
+    if ":" not in target:
+        raise StageError(
+            f"score.rewards.{spec.name}: unknown kind '{spec.kind}'; built-in kinds: {', '.join(BUILTIN_KINDS)}, "
+            "or a plug-in as 'module:Class'"
+        )
+    module_name, _, cls_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as err:
+        what = f"plug-in '{target}'" if target == spec.kind else f"built-in kind '{spec.kind}' ({target})"
+        raise StageError(f"score.rewards.{spec.name}: cannot import {what}: {err}") from None
     reward = cls(spec)
     if not isinstance(reward, Reward):
         raise StageError(f"score.rewards.{spec.name}: {spec.kind} does not implement the Reward protocol (name, score, to)")

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face library reads it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import save_tiny  # noqa: E402
+from tests.tiny_models import save_tiny  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog", "the photo of a digit", "a handwritten seven", "an orange fox"]
 
@@ -75,6 +73,6 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_rewards(tmp_path_factory) -> dict[str, dict]:
     """kind -> reward spec (without name) of a tiny saved model of that kind."""
-    from tiny_rewards import reward_specs
+    from tests.tiny_rewards import reward_specs
 
     return reward_specs(tmp_path_factory.mktemp("rewards"))

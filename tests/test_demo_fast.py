@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline.cli import main
-from pipeline.digits_world import build_world
+from world.build import build_world
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,10 @@ def test_fast_demo_tgo_and_pnapo_raise_the_training_reward(tmp_path):
     overrides = [
         f"run.output_dir={tmp_path / 'run'}", "run.executor=local",
         f"generate.model={world / 'base'}", f"generate.prompts={world / 'prompts' / 'train.txt'}",
-        f"score.rewards=[{{name: fidelity, kind: digit, checkpoint: {rewards}/fidelity}}]",
+        f"score.rewards=[{{name: fidelity, kind: 'world.rewards:DigitReward', checkpoint: {rewards}/fidelity}}]",
         "train.methods=[tgo, pnapo]", "train.max_steps=120",
         f"eval.prompts={world / 'prompts' / 'eval.txt'}",
-        f"eval.rewards=[{{name: heldout, kind: digit, checkpoint: {rewards}/heldout}}]",
+        f"eval.rewards=[{{name: heldout, kind: 'world.rewards:DigitReward', checkpoint: {rewards}/heldout}}]",
     ]
     assert main(["run", "manifests/demo.yaml", *overrides]) == 0
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
@@ -42,7 +42,7 @@ def test_fast_demo_tgo_and_pnapo_raise_the_training_reward(tmp_path):
 WORLD_CHILD = """
 import hashlib, pathlib, sys, torch
 torch.randn(int(sys.argv[2]))  # each process has drawn different random numbers before the build
-from pipeline.digits_world import build_world
+from world.build import build_world
 root = build_world(pathlib.Path(sys.argv[1]), vae_steps=10, flow_steps=20, classifier_steps=10, n_train_prompts=10, n_eval_prompts=5)
 for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "world.json"):
     print(hashlib.sha256(f.read_bytes()).hexdigest(), f.relative_to(root))

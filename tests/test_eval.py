@@ -8,11 +8,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import write_manifest
 
 from pipeline.config import load_manifest
 from pipeline.evaluation import cluster_bootstrap, paired, run_eval
 from pipeline.report import fmt_ci
+from tests.conftest import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def self_eval(tmp_path_factory, tiny_model):
         "run": {"name": "ev", "output_dir": str(root / "out"), "executor": "local"},
         "generate": {"model": model, "prompts": str(root / "eval.txt"), "num_inference_steps": 2, "height": 16,
                      "width": 16, "batch_size": 6, "guidance_scale": 2.0},
-        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
+        "score": {"rewards": [{"name": "bright", "kind": "tests.plugin_rewards:Brightness"}]},
         "eval": {"prompts": str(root / "eval.txt"), "images_per_prompt": 2, "models": [model], "bootstrap": 200},
     }
     manifest = load_manifest(write_manifest(root / "m.yaml", data))

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PROMPTS
 
 from pipeline.cli import main
 from pipeline.config import load_manifest
@@ -20,6 +19,7 @@ from pipeline.prompts import load_prompts, prompt_id_of
 from pipeline.schema import noise_from_arrow
 from pipeline.seeds import prior_noise, sample_id, sample_seed
 from pipeline.shards import open_dataset
+from tests.conftest import PROMPTS
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "amused"]
 
@@ -151,7 +151,7 @@ def test_cli_generate_inspect_regenerate(generate_manifest, capsys):
 
 
 def test_a_model_rebuilt_in_place_is_not_silently_reused(generate_manifest, tiny_model, tmp_path):
-    from tiny_models import save_tiny
+    from tests.tiny_models import save_tiny
 
     model = shutil.copytree(tiny_model("sd3"), tmp_path / "model")
     manifest = load_manifest(generate_manifest("sd3", model=str(model)))

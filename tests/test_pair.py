@@ -8,9 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_manifest
 from PIL import Image
-from synthetic import scored_dataset
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
@@ -18,6 +16,8 @@ from pipeline.pair import run_pair
 from pipeline.readers import to_hf
 from pipeline.schema import noise_from_arrow
 from pipeline.shards import open_dataset
+from tests.conftest import write_manifest
+from tests.synthetic import scored_dataset
 
 PROMPTS = [
     {"a": [0.1, 0.9, 0.5, 0.3]},  # p0: best p0-1, worst p0-0

@@ -83,8 +83,8 @@ def test_center_crop_by_hand():
 
 def test_fitted_model_scores_the_matching_prompt_higher(tmp_path):
     """A tiny CLIP fitted to two image-text pairs: each image scores above with its own prompt."""
-    from pipeline.offline_tokenizers import clip_tokenizer
-    from tiny_rewards import build_hf_clip, save_hf_clip
+    from world.tokenizers import clip_tokenizer
+    from tests.tiny_rewards import build_hf_clip, save_hf_clip
     from transformers import CLIPImageProcessor
 
     model = build_hf_clip(seed=1)
@@ -109,7 +109,7 @@ def test_fitted_model_scores_the_matching_prompt_higher(tmp_path):
 
 def test_plugins_and_shared_preprocessing(tiny_rewards, monkeypatch):
     specs = [
-        RewardSpec(name="bright", kind="plugin_rewards:Brightness"),
+        RewardSpec(name="bright", kind="tests.plugin_rewards:Brightness"),
         RewardSpec(name="pick", **tiny_rewards["pickscore"]),
         RewardSpec(name="clip", **tiny_rewards["clipscore"]),
     ]
@@ -130,8 +130,8 @@ def test_bad_kinds_are_clear_errors():
         build_reward(RewardSpec(name="x", kind="hpsv9"))
     with pytest.raises(StageError, match="cannot import plug-in 'no_such_module:R'"):
         build_reward(RewardSpec(name="x", kind="no_such_module:R"))
-    with pytest.raises(StageError, match="plugin_rewards:NotAReward does not implement the Reward protocol"):
-        build_reward(RewardSpec(name="x", kind="plugin_rewards:NotAReward"))
+    with pytest.raises(StageError, match="tests.plugin_rewards:NotAReward does not implement the Reward protocol"):
+        build_reward(RewardSpec(name="x", kind="tests.plugin_rewards:NotAReward"))
     with pytest.raises(StageError, match="HPS needs `checkpoint`"):
         build_reward(RewardSpec(name="x", kind="hpsv2"))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PROMPTS, write_manifest
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
@@ -12,6 +11,7 @@ from pipeline.generate import run_generate
 from pipeline.score import decode_images, run_score
 from pipeline.shards import open_dataset
 from rewards.bank import RewardBank
+from tests.conftest import PROMPTS, write_manifest
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def scored_manifest(tmp_path, generate_manifest, tiny_rewards):
 
 
 def test_scores_match_the_bank_and_samples_stay_reachable(scored_manifest, tiny_rewards, tmp_path):
-    rewards = {"hps": tiny_rewards["hps"], "bright": {"kind": "plugin_rewards:Brightness"}}
+    rewards = {"hps": tiny_rewards["hps"], "bright": {"kind": "tests.plugin_rewards:Brightness"}}
     manifest = load_manifest(scored_manifest(rewards))
     scored = open_dataset(run_score(manifest), kind="scored", verify=True)
     samples = open_dataset(manifest.stage_dir("generate"))
@@ -47,7 +47,7 @@ def test_scores_match_the_bank_and_samples_stay_reachable(scored_manifest, tiny_
 
 def test_adding_a_reward_scores_only_that_reward(scored_manifest, tiny_rewards, tmp_path):
     log = tmp_path / "bright.log"
-    first = {"bright": {"kind": "plugin_rewards:Brightness", "options": {"log": str(log)}}}
+    first = {"bright": {"kind": "tests.plugin_rewards:Brightness", "options": {"log": str(log)}}}
     path = run_score(load_manifest(scored_manifest(first)))
     before = open_dataset(path).read(["sample_id", "score_bright"])
     calls = log.read_text()
@@ -57,13 +57,13 @@ def test_adding_a_reward_scores_only_that_reward(scored_manifest, tiny_rewards, 
     assert scored.read(["sample_id", "score_bright"]).equals(before)
     assert "score_clip" in scored.features and set(scored.stats["rewards"]) == {"bright", "clip"}
     assert not list(path.parent.glob(".scored.old-*")) and not path.with_name("scored.adding").exists()
-    changed = {"bright": {"kind": "plugin_rewards:Brightness", "options": {"log": "other.log"}}}
+    changed = {"bright": {"kind": "tests.plugin_rewards:Brightness", "options": {"log": "other.log"}}}
     with pytest.raises(StageError, match=r"rewards \['bright'\] were scored with a different spec"):
         run_score(load_manifest(scored_manifest(changed, name="m3.yaml")))
 
 
 def test_nan_scores_are_an_error_naming_samples(scored_manifest):
-    rewards = {"bright": {"kind": "plugin_rewards:Brightness", "options": {"nan_for": PROMPTS[1]}}}
+    rewards = {"bright": {"kind": "tests.plugin_rewards:Brightness", "options": {"nan_for": PROMPTS[1]}}}
     manifest = load_manifest(scored_manifest(rewards))
     with pytest.raises(StageError, match=r"reward bright gave NaN/inf for 2 samples of part-00000.parquet: \['[0-9a-f]{16}', '[0-9a-f]{16}'\]"):
         run_score(manifest)
@@ -73,13 +73,16 @@ def test_nan_scores_are_an_error_naming_samples(scored_manifest):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_score_on_ray_equals_local(ray_local, scored_manifest, tiny_rewards, tmp_path):
-    rewards = {"hps": tiny_rewards["hps"], "ir": tiny_rewards["imagereward"]}
+    # the plug-in's module (tests.plugin_rewards) must import inside the Ray workers too
+    rewards = {"hps": tiny_rewards["hps"], "ir": tiny_rewards["imagereward"],
+               "bright": {"kind": "tests.plugin_rewards:Brightness"}}
     local = run_score(load_manifest(scored_manifest(rewards)))
     on_ray = run_score(load_manifest(scored_manifest(rewards, name="ray.yaml", executor="ray")), overwrite=True)
     assert local == on_ray  # same directory, rewritten by the Ray run
-    table = open_dataset(on_ray, verify=True).read(["score_hps", "score_ir"])
+    table = open_dataset(on_ray, verify=True).read(["score_hps", "score_ir", "score_bright"])
     direct = RewardBank(load_manifest(scored_manifest(rewards)).score.rewards)
     samples = open_dataset(on_ray).read(["image", "prompt"])
     want = direct.score_batches(lambda: [(decode_images(samples["image"]), samples["prompt"].to_pylist())])
     assert np.allclose(table["score_hps"].to_numpy(), want["hps"], rtol=1e-5, atol=1e-6)
     assert np.allclose(table["score_ir"].to_numpy(), want["ir"], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(table["score_bright"].to_numpy(), want["bright"])

@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic import NOISE_SHAPE, kind_table, samples_table, write_kind
 
 from pipeline.errors import DatasetError
 from pipeline.readers import TorchShards, to_hf, to_ray
 from pipeline.schema import KINDS
 from pipeline.shards import MANIFEST_NAME, StageOutput, open_dataset
+from tests.synthetic import NOISE_SHAPE, kind_table, samples_table, write_kind
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_manifest
-from synthetic import scored_dataset
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
 from pipeline.inspect import describe
 from pipeline.threshold import run_threshold
 from pipeline.shards import open_dataset
+from tests.conftest import write_manifest
+from tests.synthetic import scored_dataset
 
 RNG = np.random.default_rng(7)
 K = 8
@@ -119,7 +119,7 @@ def test_nan_rows_dropped_and_counted(tmp_path):
 
 
 def test_prompt_split_across_shards_is_refused_for_per_prompt(tmp_path):
-    from synthetic import scored_dataset as make
+    from tests.synthetic import scored_dataset as make
 
     make(tmp_path / "out" / "scored", PROMPTS[:2], [[0, 1], [1]])
     data = {"run": {"name": "t", "output_dir": str(tmp_path / "out")}, "threshold": {"reward": "a", "mode": "per_prompt"}}

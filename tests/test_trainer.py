@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
-from conftest import write_manifest
-from train_harness import make_step, one_sgd_step, prepare_run
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
 from pipeline.pair import run_pair
+from tests.conftest import write_manifest
+from tests.train_harness import make_step, one_sgd_step, prepare_run
 from trainer.recipe import train
 
 

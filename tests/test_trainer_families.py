@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from train_harness import make_step, one_sgd_step, prepare_run
 
 from pipeline.errors import StageError
 from pipeline.families import family_of
 from pipeline.generate import load_model
+from tests.train_harness import make_step, one_sgd_step, prepare_run
 from trainer.recipe import train
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "amused"]

@@ -1,6 +1,6 @@
 """Tiny random-weight pipelines of every supported family, built from configs and saved to a directory.
 
-The tokenizers are real (see pipeline.offline_tokenizers).
+The tokenizers are real (see world.tokenizers).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.offline_tokenizers import clip_tokenizer, t5_tokenizer
+from world.tokenizers import clip_tokenizer, t5_tokenizer
 
 
 def _clip_text(hidden: int = 32, projection: int | None = None, layers: int = 1):

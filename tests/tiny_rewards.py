@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from pipeline.offline_tokenizers import clip_tokenizer
+
+from world.tokenizers import clip_tokenizer
 
 HPS_CONFIG = {
     "embed_dim": 16,

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import write_manifest
 
 from pipeline.config import load_manifest
 from pipeline.generate import run_generate
@@ -15,6 +14,7 @@ from pipeline.pair import run_pair
 from pipeline.score import run_score
 from pipeline.shards import open_dataset
 from pipeline.threshold import run_threshold
+from tests.conftest import write_manifest
 from trainer.data import GlobalBatches
 from trainer.recipe import DynamicBeta, Step, data_columns, load_generator
 
@@ -28,7 +28,7 @@ def prepare_run(root: Path, model: Path):
         "run": {"name": "t", "output_dir": str(root / "out"), "executor": "local"},
         "generate": {"model": str(model), "prompts": str(root / "prompts.txt"), "images_per_prompt": 4,
                      "num_inference_steps": 2, "height": 16, "width": 16, "batch_size": 8, "guidance_scale": 2.0},
-        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
+        "score": {"rewards": [{"name": "bright", "kind": "tests.plugin_rewards:Brightness"}]},
         "threshold": {"reward": "bright"},
         "pair": {"reward": "bright"},
     }

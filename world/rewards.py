@@ -4,6 +4,7 @@ Two differently built classifiers are trained on disjoint halves of scikit-learn
 (the training reward) and a small CNN (held out, for evaluation only). A classifier is saved as a directory
 with `config.json` ({"arch": "mlp" | "cnn", "image_size": 16}) and `model.safetensors`; the reward spec's
 `checkpoint` names that directory. The prompted digit is the first numeral or number word in the prompt.
+A manifest names this reward as a plug-in: `kind: "world.rewards:DigitReward"`.
 """
 
 from __future__ import annotations

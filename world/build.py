@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.offline_tokenizers import clip_tokenizer, t5_tokenizer
-from rewards.digits import WORDS, DigitCNN, DigitMLP, save_classifier
+from world.rewards import WORDS, DigitCNN, DigitMLP, save_classifier
+from world.tokenizers import clip_tokenizer, t5_tokenizer
 
 log = logging.getLogger("tauflow")
 WORLD_VERSION = 2
