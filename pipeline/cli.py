@@ -117,7 +117,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_world(args: argparse.Namespace) -> None:
-    from pipeline.digits_world import build_world
+    from world.build import build_world
 
     path = build_world(args.directory, seed=args.seed)
     print(f"world: {path}")
