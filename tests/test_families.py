@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from tiny_models import BUILDERS
+from tests.tiny_models import BUILDERS
 
 from pipeline.errors import StageError
 from pipeline.families import FAMILIES, family_of
