@@ -164,3 +164,14 @@ def test_writer_killed_mid_shard_leaves_nothing_that_verifies(tmp_path):
     assert not list(target.glob(".part-*"))  # the stale temp file is cleaned on restart
     with pytest.raises(DatasetError, match="missing: the dataset is incomplete"):
         open_dataset(target)
+
+
+def test_resume_redoes_a_finished_shard_whose_bytes_changed(tmp_path):
+    out = StageOutput(tmp_path / "d", kind="samples", stage="t", config_hash="h")
+    out.write(0, kind_table("samples", 3))
+    out.write(1, kind_table("samples", 3, seed=1))
+    shard = tmp_path / "d" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the recorded sha256 can tell
+    shard.write_bytes(bytes(data))
+    assert StageOutput(tmp_path / "d", kind="samples", stage="t", config_hash="h").pending(2) == [1]
