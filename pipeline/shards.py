@@ -167,6 +167,8 @@ class StageOutput:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / PROGRESS_DIR).mkdir(exist_ok=True)
         plan = self.path / PROGRESS_DIR / "plan.json"
+        if plan.exists() and not any(self.path.glob("part-*.parquet")):
+            plan.unlink()  # a start that wrote nothing (a bad model path, a typo) must not block the corrected rerun
         if plan.exists():
             started = json.loads(plan.read_text())["config_hash"]
             if started != config_hash:
@@ -235,6 +237,30 @@ class StageOutput:
         }
         write_json_atomic(self.path / MANIFEST_NAME, manifest)
         return manifest
+
+
+def _swap_names(target: Path) -> tuple[Path, Path]:
+    return target.with_name(target.name + ".adding"), target.with_name(f".{target.name}.old")
+
+
+def replace_dataset(target: Path) -> None:
+    """Swap the complete dataset `<target>.adding` in for `target`. Two renames cannot be one atomic step, so
+    the names are fixed and `finish_replace` completes or undoes a swap that a crash cut in half."""
+    new, old = _swap_names(target)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)
+
+
+def finish_replace(target: Path) -> None:
+    """Complete a `replace_dataset` interrupted by a crash: afterwards `target` exists (the new dataset if it was
+    complete, else the old one) and no `.old` copy is left."""
+    new, old = _swap_names(target)
+    if not old.exists():
+        return
+    if not target.exists():
+        os.replace(new if (new / MANIFEST_NAME).exists() else old, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
