@@ -62,15 +62,17 @@ def _save_resolved(manifest: Manifest) -> None:
 def run_stage(manifest: Manifest, stage: str, *, overwrite: bool = False, executor: str | None = None,
               resume: str | None = None) -> Path:
     manifest.require(stage)
-    _save_resolved(manifest)
     kwargs: dict = {"overwrite": overwrite}
     if stage in ("generate", "score"):
         kwargs["executor"] = executor
     if stage == "train":
         kwargs["resume"] = resume
         paths = [_stage_runner(stage)(job, **kwargs) for job in train_jobs(manifest)]
-        return paths[0].parent if len(paths) > 1 else paths[0]
-    return _stage_runner(stage)(manifest, **kwargs)
+        path = paths[0].parent if len(paths) > 1 else paths[0]
+    else:
+        path = _stage_runner(stage)(manifest, **kwargs)
+    _save_resolved(manifest)  # only a configuration that ran: a refused one never replaces it
+    return path
 
 
 def train_jobs(manifest: Manifest) -> list[Manifest]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pipeline.errors import ManifestError
 
@@ -56,6 +57,16 @@ class Section(BaseModel):
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset()
     # Fields naming weights (hub ids or local paths): local ones enter the hash by their files' fingerprint.
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's `true` would otherwise pass as the number 1 (`images_per_prompt=true`)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = {int, float, int | None, float | None}
+        if isinstance(value, bool) and annotation in numeric:
+            raise ValueError("expected a number, got a boolean")
+        return value
 
     def local_files(self) -> dict[str, str]:
         """Fingerprints of the local weights this section (and the sections inside it) names, by key path."""
@@ -290,6 +301,14 @@ class EvalSection(Section):
 
     _prompts_exist = field_validator("prompts")(_existing_path)
 
+    @field_validator("models")
+    @classmethod
+    def _models_exist(cls, refs: list[str]) -> list[str]:
+        missing = [ref for ref in refs if not Path(ref).expanduser().exists()]
+        if missing:
+            raise ValueError(f"model directories do not exist: {missing}")
+        return refs
+
 
 class Manifest(Section):
     _source: str = PrivateAttr("<manifest>")
@@ -301,6 +320,24 @@ class Manifest(Section):
     pair: PairSection | None = None
     train: TrainSection | None = None
     eval: EvalSection | None = None
+
+    @model_validator(mode="after")
+    def _rewards_are_scored(self) -> Manifest:
+        """threshold and pair name rewards by name: each must be one the score stage produces."""
+        if self.score is None:
+            return self
+        scored = [r.name for r in self.score.rewards]
+        named = {}
+        if self.threshold is not None:
+            named["threshold.reward"] = [self.threshold.reward] if self.threshold.reward else []
+            named["threshold.composite.weights"] = list(self.threshold.composite.weights) if self.threshold.composite else []
+        if self.pair is not None and self.pair.external is None:
+            named["pair.reward"] = [self.pair.reward] if self.pair.reward else []
+        for key, names in named.items():
+            unknown = [n for n in names if n not in scored]
+            if unknown:
+                raise ValueError(f"{key}: {unknown} not among score.rewards {scored}")
+        return self
 
     @property
     def source(self) -> str:
@@ -323,6 +360,28 @@ class Manifest(Section):
 
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ManifestError(f"{where}: {at}invalid YAML: {getattr(err, 'problem', None) or err}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values are parsed as YAML scalars/lists."""
     for item in overrides:
@@ -336,21 +395,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             if not isinstance(child, dict):
                 raise ManifestError(f"{source}: override '{item}': '{part}' is not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_yaml(raw, f"{source}: override '{item}'")
     return data
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
-        lines.append(f"{source}: {loc}: {msg}{got}")
+        if not loc:  # a check across sections: its message starts with the key path
+            got = ""
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}{got}")
     return "\n".join(lines)
 
 
@@ -370,14 +431,11 @@ def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Manif
     source = str(path)
     try:
         text = Path(path).read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ManifestError(f"{source}: no such manifest file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ManifestError(f"{source}: {where}invalid YAML: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{source}: not UTF-8 text (byte {err.start})") from None
+    data = _parse_yaml(text, source)
     if data is None:
         raise ManifestError(f"{source}: the manifest is empty")
     if isinstance(data, dict):

@@ -49,13 +49,23 @@ def _rows(path: Path, column: str) -> list[dict]:
     raise StageError(f"{path}: unsupported prompt file type '{suffix}' (use .txt, .jsonl, .csv, .parquet or a HF dataset dir)")
 
 
+def _read_rows(path: Path, column: str) -> list[dict]:
+    try:
+        return _rows(path, column)
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise StageError(f"{path}: line {line}: not UTF-8 text (byte {err.start})") from None
+    except (OSError, ValueError) as err:  # pyarrow's CSV/Parquet readers raise ArrowInvalid (a ValueError)
+        raise StageError(f"{path}: cannot read the prompt file: {err}") from None
+
+
 def load_prompts(path: str | Path, column: str = "prompt", dedupe: bool = True) -> tuple[list[Prompt], dict[str, int]]:
     """Prompts in file order; blank ones dropped and (by default) repeats removed, both counted."""
     path = Path(path)
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     stats = {"read": 0, "blank": 0, "duplicates": 0}
-    for n, row in enumerate(_rows(path, column), 1):
+    for n, row in enumerate(_read_rows(path, column), 1):
         stats["read"] += 1
         if column not in row:
             raise StageError(f"{path}: row {n} has no '{column}' column (columns: {sorted(row)})")

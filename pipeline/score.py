@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,8 @@ from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
 from pipeline.generate import pick_device
 from pipeline.schema import score_column, scored_features
-from pipeline.shards import ShardRecord, ShardWriter, StageOutput, open_dataset, shard_name
+from pipeline.shards import (ShardRecord, ShardWriter, StageOutput, finish_replace, open_dataset, replace_dataset,
+                             shard_name)
 
 log = logging.getLogger("tauflow")
 
@@ -97,6 +95,7 @@ def reward_stats(values: np.ndarray) -> dict[str, float]:
 def run_score(manifest: Manifest, *, overwrite: bool = False, executor: str | None = None) -> Path:
     cfg, run = manifest.require("score"), manifest.run
     scored_dir = manifest.stage_dir("score")
+    finish_replace(scored_dir)  # a reward addition cut short by a crash
     specs = {s.name: s.model_dump(mode="json") for s in cfg.rewards}
     existing = open_dataset(scored_dir, kind="scored", verify=True) if (scored_dir / "manifest.json").exists() and not overwrite else None
     if existing is not None:
@@ -134,8 +133,5 @@ def run_score(manifest: Manifest, *, overwrite: bool = False, executor: str | No
     out.finalize(num_shards=num, features=features, config=manifest.model_dump(mode="json", exclude_none=True),
                  inputs=[manifest.stage_dir("generate")], stats=stats)
     if target != scored_dir:  # swap the widened dataset in
-        old = scored_dir.with_name(f".{scored_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(scored_dir, old)
-        os.rename(target, scored_dir)
-        shutil.rmtree(old)
+        replace_dataset(scored_dir)
     return scored_dir

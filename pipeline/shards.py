@@ -167,6 +167,8 @@ class StageOutput:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / PROGRESS_DIR).mkdir(exist_ok=True)
         plan = self.path / PROGRESS_DIR / "plan.json"
+        if plan.exists() and not any(self.path.glob("part-*.parquet")):
+            plan.unlink()  # a start that wrote nothing (a bad model path, a typo) must not block the corrected rerun
         if plan.exists():
             started = json.loads(plan.read_text())["config_hash"]
             if started != config_hash:
@@ -186,12 +188,13 @@ class StageOutput:
         return (self.path / MANIFEST_NAME).exists()
 
     def completed(self) -> dict[int, ShardRecord]:
-        """Shards whose completion was recorded and whose file is still there, whole."""
+        """Shards whose completion was recorded and whose file is still there, byte for byte."""
         done = {}
         for rec_file in (self.path / PROGRESS_DIR).glob("part-*.parquet.json"):
             record = ShardRecord(**json.loads(rec_file.read_text()))
             shard = self.path / record.file
-            if shard.exists() and shard.stat().st_size == record.bytes:
+            # the recorded sha256, not just the size: a shard changed after its record must be redone
+            if shard.exists() and shard.stat().st_size == record.bytes and sha256_file(shard) == record.sha256:
                 done[int(record.file[5:10])] = record
         return done
 
@@ -234,6 +237,30 @@ class StageOutput:
         }
         write_json_atomic(self.path / MANIFEST_NAME, manifest)
         return manifest
+
+
+def _swap_names(target: Path) -> tuple[Path, Path]:
+    return target.with_name(target.name + ".adding"), target.with_name(f".{target.name}.old")
+
+
+def replace_dataset(target: Path) -> None:
+    """Swap the complete dataset `<target>.adding` in for `target`. Two renames cannot be one atomic step, so
+    the names are fixed and `finish_replace` completes or undoes a swap that a crash cut in half."""
+    new, old = _swap_names(target)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)
+
+
+def finish_replace(target: Path) -> None:
+    """Complete a `replace_dataset` interrupted by a crash: afterwards `target` exists (the new dataset if it was
+    complete, else the old one) and no `.old` copy is left."""
+    new, old = _swap_names(target)
+    if not old.exists():
+        return
+    if not target.exists():
+        os.replace(new if (new / MANIFEST_NAME).exists() else old, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -285,8 +312,42 @@ class Dataset:
         return table
 
 
+def _manifest_fields(manifest: Any, where: Path) -> None:
+    """The fields every reader relies on, with their types; one clear line for the first that is wrong."""
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{where}: not a valid dataset manifest (a JSON object is expected)")
+    expected = {"kind": str, "shards": list, "features": dict, "num_rows": int}
+    for key, kind in expected.items():
+        if key not in manifest:
+            raise DatasetError(f"{where}: not a valid dataset manifest: '{key}' is missing")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise DatasetError(f"{where}: '{key}' must be a {kind.__name__}, got {type(manifest[key]).__name__}")
+    fields = {"file": str, "rows": int, "bytes": int, "sha256": str}
+    for n, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in fields.items()):
+            raise DatasetError(f"{where}: shards[{n}] must have file (str), rows, bytes (int) and sha256 (str), got {shard!r}")
+
+
+def _check_shard_list(path: Path, manifest: dict[str, Any]) -> None:
+    """The shard list names part-00000 ... part-(N-1) once each, every file there is listed, and the rows add up."""
+    where = path / MANIFEST_NAME
+    listed = [s["file"] for s in manifest["shards"]]
+    expected = [shard_name(i) for i in range(len(listed))]
+    if listed != expected:
+        repeated = sorted({f for f in listed if listed.count(f) > 1})
+        detail = f"repeated {repeated}" if repeated else f"expected {expected[:3]}{'...' if len(expected) > 3 else ''}"
+        raise DatasetError(f"{where}: the shard list is not part-00000 ... in order ({detail}, got {listed[:5]})")
+    extra = sorted(p.name for p in path.glob("part-*.parquet") if p.name not in set(listed))
+    if extra:
+        raise DatasetError(f"{where}: shards on disk that the manifest does not list: {extra[:5]}")
+    total = sum(s["rows"] for s in manifest["shards"])
+    if total != manifest["num_rows"]:
+        raise DatasetError(f"{where}: num_rows is {manifest['num_rows']} but the shards hold {total} rows")
+
+
 def open_dataset(path: str | Path, *, kind: str | tuple[str, ...] | None = None, verify: bool = False) -> Dataset:
-    """Open a complete dataset; `verify` re-hashes every shard against the manifest."""
+    """Open a complete dataset, checking its shard list against the files. `verify` also re-hashes every shard
+    and checks its rows and schema against the manifest."""
     path = Path(path)
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
@@ -295,13 +356,18 @@ def open_dataset(path: str | Path, *, kind: str | tuple[str, ...] | None = None,
         raise DatasetError(f"{manifest_path}: missing: the dataset is incomplete (its stage has not finished)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        manifest["kind"], manifest["shards"], manifest["features"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{manifest_path}: not a valid dataset manifest ({err})") from None
+    _manifest_fields(manifest, manifest_path)
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and manifest["kind"] not in kinds:
         raise DatasetError(f"{path}: is a '{manifest['kind']}' dataset, expected {' or '.join(kinds)}")
+    _check_shard_list(path, manifest)
     dataset = Dataset(path, manifest)
+    try:
+        schema = dataset.features.arrow_schema
+    except Exception as err:  # datasets raises several types for a malformed features dict
+        raise DatasetError(f"{manifest_path}: 'features' is not a valid feature description ({err})") from None
     for shard in manifest["shards"]:
         file = path / shard["file"]
         if not file.exists():
@@ -314,9 +380,14 @@ def open_dataset(path: str | Path, *, kind: str | tuple[str, ...] | None = None,
             if digest != shard["sha256"]:
                 raise DatasetError(f"{file}: sha256 {digest[:16]}… does not match the manifest's {shard['sha256'][:16]}…")
             try:
-                rows = pq.ParquetFile(file).metadata.num_rows
+                meta = pq.ParquetFile(file)
             except (pa.ArrowException, OSError) as err:
                 raise DatasetError(f"{file}: not a readable Parquet file: {err}") from None
-            if rows != shard["rows"]:
-                raise DatasetError(f"{file}: {rows} rows, manifest says {shard['rows']}")
+            if meta.metadata.num_rows != shard["rows"]:
+                raise DatasetError(f"{file}: {meta.metadata.num_rows} rows, manifest says {shard['rows']}")
+            if meta.schema_arrow.names != schema.names:
+                missing = [c for c in meta.schema_arrow.names if c not in schema.names]
+                unknown = [c for c in schema.names if c not in meta.schema_arrow.names]
+                raise DatasetError(f"{file}: columns do not match the manifest's features "
+                                   f"(in the shard only: {missing}, in the manifest only: {unknown})")
     return dataset

@@ -164,3 +164,32 @@ def test_writer_killed_mid_shard_leaves_nothing_that_verifies(tmp_path):
     assert not list(target.glob(".part-*"))  # the stale temp file is cleaned on restart
     with pytest.raises(DatasetError, match="missing: the dataset is incomplete"):
         open_dataset(target)
+
+
+def test_resume_redoes_a_finished_shard_whose_bytes_changed(tmp_path):
+    out = StageOutput(tmp_path / "d", kind="samples", stage="t", config_hash="h")
+    out.write(0, kind_table("samples", 3))
+    out.write(1, kind_table("samples", 3, seed=1))
+    shard = tmp_path / "d" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the recorded sha256 can tell
+    shard.write_bytes(bytes(data))
+    assert StageOutput(tmp_path / "d", kind="samples", stage="t", config_hash="h").pending(2) == [1]
+
+
+@pytest.mark.parametrize("cut", ["after_first_rename", "after_second_rename", "new_incomplete"])
+def test_an_interrupted_dataset_swap_is_completed_or_undone(tmp_path, cut):
+    from pipeline.shards import finish_replace
+
+    target = write_kind(tmp_path / "scored", "scored", shards=1)
+    new = write_kind(tmp_path / "scored.adding", "scored", shards=2)
+    old = tmp_path / ".scored.old"
+    before_old, before_new = open_dataset(target).read(), open_dataset(new).read()
+    os.replace(target, old)  # the crash points of replace_dataset
+    if cut == "after_second_rename":
+        os.replace(new, target)
+    if cut == "new_incomplete":
+        (new / MANIFEST_NAME).unlink()
+    finish_replace(target)
+    expected = before_old if cut == "new_incomplete" else before_new
+    assert open_dataset(target, verify=True).read().equals(expected) and not old.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -171,7 +172,10 @@ class Step:
 
 
 def _checkpoints(directory: Path) -> list[Path]:
-    return sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """Complete checkpoints, oldest first. One is complete once renamed from its temporary name, which happens
+    after its trainer_state.json is written, so a save killed midway is never listed."""
+    found = [p for p in directory.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1]))
 
 
 def _optimizer(cfg: TrainSection, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -250,9 +254,12 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
 
     step, micro = 0, 0
     if resume is not None:
-        chosen = _checkpoints(ckpt_dir)[-1] if resume == "latest" else Path(resume)
-        if not chosen.exists():
-            raise StageError(f"{out}: no checkpoint to resume from ({resume})")
+        complete = _checkpoints(ckpt_dir)
+        if resume == "latest" and not complete:
+            raise StageError(f"{ckpt_dir}: no complete checkpoint to resume from; run without --resume to start afresh")
+        chosen = complete[-1] if resume == "latest" else Path(resume)
+        if not (chosen / "trainer_state.json").exists():
+            raise StageError(f"{chosen}: not a complete checkpoint (no trainer_state.json); use --resume latest")
         accelerator.load_state(str(chosen))
         state = json.loads((chosen / "trainer_state.json").read_text())
         step, micro = state["step"], state["micro"]
@@ -313,14 +320,28 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
 
 
 def save_checkpoint(accelerator, directory: Path, step: int, micro: int, limit: int) -> None:
+    """Save under a temporary name, rename it into place once complete, and only then prune the oldest: a kill
+    at any point leaves the newest complete checkpoint usable by `--resume latest`."""
+    final = directory / f"checkpoint-{step}"
+    partial = directory / f".{final.name}.partial"
     if accelerator.is_main_process:
-        existing = _checkpoints(directory)
-        for old in existing[: max(0, len(existing) - limit + 1)]:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(partial / "trainer_state.json", {"step": step, "micro": micro})
+        if final.exists():  # the same step saved by an earlier run: moved aside, then replaced
+            stale = directory / f".{final.name}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        for old in _checkpoints(directory)[:-limit]:
             shutil.rmtree(old)
-    path = directory / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        write_json_atomic(path / "trainer_state.json", {"step": step, "micro": micro})
+    accelerator.wait_for_everyone()
 
 
 def save_final(pipe, family: Family, policy, cfg: TrainSection, out: Path) -> Path:
