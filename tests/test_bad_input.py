@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from synthetic import write_kind
+from tests.synthetic import write_kind
 
 
 @dataclass(frozen=True)
