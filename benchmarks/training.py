@@ -43,8 +43,8 @@ def bench_train(tmp: Path) -> dict:
 
     from pipeline.config import load_manifest
     from trainer.data import GlobalBatches
-    from trainer.losses import dpo_loss
-    from trainer.recipe import data_columns, load_generator, train
+    from trainer.methods import METHODS, LossContext, Options
+    from trainer.recipe import load_generator, train
 
     torch.set_num_threads(2)
     manifest = load_manifest(_run(tmp))
@@ -60,7 +60,8 @@ def bench_train(tmp: Path) -> dict:
     pairs = manifest.stage_dir("pair")
     from pipeline.shards import open_dataset
 
-    cols = data_columns("dpo", set(open_dataset(pairs).features))
+    dpo = METHODS["dpo"]
+    cols = dpo.columns(set(open_dataset(pairs).features))
     batch = next(GlobalBatches(pairs, cols, 8).epoch(0))
     x0 = torch.cat([batch["winner_latent"], batch["loser_latent"]])
     cond = adapter.encode_prompts(batch["prompt"] * 2)
@@ -73,7 +74,7 @@ def bench_train(tmp: Path) -> dict:
         e = adapter.errors(policy, x0, cond, eps, t)
         with torch.no_grad():
             r = adapter.errors(reference, x0, cond, eps, t)
-        loss, _ = dpo_loss(e[:8], e[8:], r[:8], r[8:], 2000.0)
+        loss, _ = dpo.loss(e, r, batch, LossContext(beta=2000.0, options=Options()))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()

@@ -14,9 +14,11 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.errors import ManifestError
+from trainer.methods import METHODS, OPTION_OWNERS
 
 STAGES = ("generate", "score", "threshold", "pair", "train", "eval")
 
@@ -218,32 +220,24 @@ class LoraSpec(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
-class DynamicBetaSpec(Section):
-    """PNAPO's beta_t = beta_0 * g(gap) * h(progress); see trainer/losses/pnapo.py."""
-
-    gap: bool = True
-    schedule: bool = True
-    gap_strength: float = Field(1.0, ge=0)
-    start: float = Field(0.5, gt=0, le=1)
-    ramp: float = Field(0.5, gt=0, le=1)
+MethodName = Literal[tuple(METHODS)]
 
 
-class TrainSection(Section):
-    EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
-    # no MODEL_FIELDS: the train stage fingerprints the model it starts from, `model` or generate's (recipe.train)
+def _plain(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
-    method: Literal["tgo", "pnapo", "dpo", "kto", "sft"] | None = None
-    methods: list[Literal["tgo", "pnapo", "dpo", "kto", "sft"]] | None = None  # several, same budget
+
+class TrainKeys(Section):
+    """The train keys every method shares."""
+
+    method: MethodName | None = None
+    methods: list[MethodName] | None = None  # several, same budget
     per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)  # e.g. {tgo: {beta: 0.2}}
     model: str | None = None  # default: generate.model (the policy starts from, and the reference is, it)
-    data: Path | None = None  # default: the run's labeled (tgo, kto, sft) or pairs (pnapo, dpo) dataset
-    beta: float | None = Field(None, gt=0)  # default per method: tgo 1, pnapo/dpo/kto 2000 (flow) or 5000 (diffusion)
-    temperature: float = Field(0.001, gt=0)
-    dynamic_beta: DynamicBetaSpec = Field(default_factory=DynamicBetaSpec)
-    kto_desirable_weight: float = Field(1.0, gt=0)
-    kto_undesirable_weight: float = Field(1.0, gt=0)
+    data: Path | None = None  # default: the run's labeled or pairs dataset, whichever the method trains on
+    beta: float | None = Field(None, gt=0)  # default: the method's for the model family (trainer/methods/)
     sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    logit_mean: float | None = None  # default per method: pnapo 2.0 (noise-heavy sigmas, see trainer/losses/pnapo.py), else 0
+    logit_mean: float | None = None  # default: the method's (pnapo 2.0: noise-heavy sigmas, see trainer/methods/pnapo.py; else 0)
     logit_std: float = Field(1.0, gt=0)
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)  # global batch, split over processes
@@ -267,27 +261,69 @@ class TrainSection(Section):
     _model_exists = field_validator("model")(_existing_model_ref)
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
 
+
+# the bases listed last come first in a dumped manifest: the shared keys, then each method's options in registry order
+_METHOD_OPTIONS = tuple(m.options for m in reversed(METHODS.values()) if m.options.model_fields)
+
+
+class TrainSection(*_METHOD_OPTIONS, TrainKeys):
+    """The train stage: the shared keys, plus each method's own keys (train.temperature, train.dynamic_beta, ...)
+    from its options model in trainer/methods/, refused where no trained method has them. `per_method` overrides
+    shared keys and that method's own keys for one method."""
+
+    EXECUTION_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoint_limit", "reference_device"})
+    # no MODEL_FIELDS: the train stage fingerprints the model it starts from, `model` or generate's (recipe.train)
+
+    @property
+    def trained(self) -> list[str]:
+        return self.methods or [self.method]
+
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("method") and data.get("logit_mean") is None:
-            data = {**data, "logit_mean": 2.0 if data["method"] == "pnapo" else 0.0}
+        if isinstance(data, dict) and data.get("method") in METHODS and data.get("logit_mean") is None:
+            data = {**data, "logit_mean": METHODS[data["method"]].logit_mean}
         return data
 
     @model_validator(mode="after")
-    def _one_way_to_name_methods(self) -> TrainSection:
+    def _methods_and_their_options(self) -> TrainSection:
         if (self.method is None) == (self.methods is None):
             raise ValueError("give exactly one of 'method' or 'methods'")
-        unknown = sorted(set(self.per_method) - set(self.methods or [self.method]))
+        unknown = sorted(set(self.per_method) - set(self.trained))
         if unknown:
             raise ValueError(f"per_method names methods that are not trained: {unknown}")
+        errors = [InitErrorDetails(type=PydanticCustomError("foreign_option", "an option of method {owner}, not of {trained}",
+                                                            {"owner": OPTION_OWNERS[key], "trained": " or ".join(self.trained)}),
+                                   loc=(key,), input=_plain(getattr(self, key)))
+                  for key in sorted(self.model_fields_set) if self._unused(key)]
+        for name in self.per_method:  # each job validated here, so that `tauflow validate` finds what `train` would
+            try:
+                self._job(name)
+            except ValidationError as err:
+                errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=("per_method", name, *e["loc"]),
+                                            input=e["input"]) for e in err.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_options(self, handler: Any) -> dict[str, Any]:
+        """Options of methods not trained are left out: a dumped manifest validates again, and they do not
+        enter the stage's hash."""
+        return {k: v for k, v in handler(self).items() if not self._unused(k)}
+
+    def _unused(self, key: str) -> bool:
+        """Whether `key` is an option of a method this section does not train."""
+        return key in OPTION_OWNERS and OPTION_OWNERS[key] not in self.trained
+
+    def _job(self, method: str) -> TrainSection:
+        base = self.model_dump(exclude={"methods", "per_method", "method"})
+        own = {k: v for k, v in base.items() if OPTION_OWNERS.get(k, method) == method}  # common keys and its options
+        return TrainSection.model_validate({**own, **self.per_method.get(method, {}), "method": method})
 
     def jobs(self) -> list[TrainSection]:
         """One single-method section per method, with its per_method overrides applied."""
-        base = self.model_dump(exclude={"methods", "per_method", "method"})
-        return [TrainSection.model_validate({**base, **self.per_method.get(m, {}), "method": m})
-                for m in (self.methods or [self.method])]
+        return [self._job(m) for m in self.trained]
 
 
 class EvalSection(Section):

@@ -136,3 +136,41 @@ def test_pnapo_samples_noise_heavy_sigmas_unless_told_otherwise(tmp_path, base):
     told = {**train, "logit_mean": 0.5, "per_method": {"dpo": {"logit_mean": 1.0}}}
     jobs = load_manifest(_write(tmp_path, {**base, "train": told})).train.jobs()
     assert [(j.method, j.logit_mean) for j in jobs] == [("pnapo", 0.5), ("dpo", 1.0)]
+
+
+@pytest.mark.parametrize(("per_method", "message"), [
+    ({"tgo": {"betta": 0.2}}, "train.per_method.tgo.betta: unknown key"),
+    ({"tgo": {"kto_desirable_weight": 2.0}}, "train.per_method.tgo.kto_desirable_weight: an option of method kto, not of tgo"),
+    ({"dpo": {"beta": -1}}, "train.per_method.dpo.beta: Input should be greater than 0"),
+    ({"pnapo": {"dynamic_beta": {"gap": "maybe"}}}, "train.per_method.pnapo.dynamic_beta.gap: Input should be a valid boolean"),
+])
+def test_per_method_is_validated_for_its_method_with_the_key_path(tmp_path, base, per_method, message):
+    base["train"] = {"methods": ["tgo", "pnapo", "dpo"], "per_method": per_method}
+    path = _write(tmp_path, base)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert f"{path}: {message}" in str(err.value)
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"method": "dpo", "temperature": 0.01}, "train.temperature: an option of method tgo, not of dpo"),
+    ({"methods": ["tgo", "dpo"], "dynamic_beta": {"gap": False}}, "train.dynamic_beta: an option of method pnapo, not of tgo or dpo"),
+    ({"method": "dppo"}, "train.method: Input should be 'tgo', 'pnapo', 'dpo', 'kto' or 'sft'"),
+])
+def test_options_of_methods_not_trained_and_unknown_methods_are_refused(tmp_path, base, train, message):
+    path = _write(tmp_path, {**base, "train": train})
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert f"{path}: {message}" in str(err.value)
+
+
+def test_each_job_has_its_own_options_and_its_resolved_manifest_loads_again(tmp_path, base):
+    train = {"methods": ["tgo", "pnapo", "kto", "sft"], "temperature": 0.01, "kto_desirable_weight": 2.0,
+             "per_method": {"tgo": {"beta": 0.2}, "pnapo": {"dynamic_beta": {"gap": False}}}}
+    m = load_manifest(_write(tmp_path, {**base, "train": train}))
+    jobs = {j.method: j for j in m.train.jobs()}
+    assert (jobs["tgo"].beta, jobs["tgo"].temperature, jobs["pnapo"].beta) == (0.2, 0.01, None)
+    assert jobs["pnapo"].dynamic_beta.gap is False and jobs["kto"].kto_desirable_weight == 2.0
+    assert "temperature" not in jobs["sft"].model_dump() and "dynamic_beta" not in jobs["tgo"].model_dump()
+    for manifest in [m, *(m.model_copy(update={"train": j}) for j in jobs.values())]:
+        assert parse_manifest(yaml.safe_load(dump_manifest(manifest))).model_dump() == manifest.model_dump()

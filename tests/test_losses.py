@@ -1,4 +1,4 @@
-"""Each loss against a hand-written reference on fixed tensors, and its closed form at initialisation."""
+"""Each method's loss against a hand-written reference on fixed tensors, and its closed form at initialisation."""
 
 from __future__ import annotations
 
@@ -7,20 +7,31 @@ import math
 import pytest
 import torch
 
-from trainer.losses import DynamicBeta, dpo_loss, kto_loss, pnapo_loss, sft_loss, tgo_loss
+from pipeline.config import TrainSection
+from trainer.methods import METHODS, LossContext, Options
+from trainer.methods.kto import KTOOptions
+from trainer.methods.pnapo import DynamicBeta, PNAPOContext, PNAPOOptions
+from trainer.methods.tgo import TGOOptions
 
 E = torch.tensor([0.30, 0.52, 0.41, 0.25])
 R = torch.tensor([0.31, 0.50, 0.45, 0.25])
 LABELS = torch.tensor([1.0, 0.0, 1.0, 0.0])
 WEIGHTS = torch.tensor([1.5, 2.0, 1.0, 3.0])
+LABELED = {"label": LABELS, "weight": WEIGHTS}
+PAIRS = {"gap": torch.tensor([0.5, 3.0])}  # E and R as two pairs: [winners; losers]
 
 
 def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def pnapo_ctx(beta0: float, progress: float) -> PNAPOContext:
+    dynamic = DynamicBeta(beta0, gap_ref=1.0, gap_strength=1.0, start=0.5, ramp=0.5)
+    return PNAPOContext(beta=beta0, options=PNAPOOptions(), dynamic=dynamic, progress=progress)
+
+
 def test_tgo_by_hand():
-    loss, m = tgo_loss(E, R, LABELS, WEIGHTS, beta=2.0, temperature=0.1)
+    loss, m = METHODS["tgo"].loss(E, R, LABELED, LossContext(beta=2.0, options=TGOOptions(temperature=0.1)))
     total = 0.0
     for e, r, l, w in zip(E.tolist(), R.tolist(), LABELS.tolist(), WEIGHTS.tolist(), strict=True):
         s = 2.0 * (r - e) / 0.1
@@ -30,14 +41,14 @@ def test_tgo_by_hand():
 
 
 def test_dpo_and_pnapo_by_hand():
-    e_w, e_l, r_w, r_l = E[:2], E[2:], R[:2], R[2:]
-    loss, _ = dpo_loss(e_w, e_l, r_w, r_l, beta=100.0)
-    want = [-math.log(sig(-0.5 * 100 * ((a - b) - (c - d)))) for a, b, c, d in zip(e_w.tolist(), e_l.tolist(), r_w.tolist(), r_l.tolist(), strict=True)]
+    e_w, e_l, r_w, r_l = E[:2].tolist(), E[2:].tolist(), R[:2].tolist(), R[2:].tolist()
+    loss, _ = METHODS["dpo"].loss(E, R, PAIRS, LossContext(beta=100.0, options=Options()))
+    want = [-math.log(sig(-0.5 * 100 * ((a - b) - (c - d)))) for a, b, c, d in zip(e_w, e_l, r_w, r_l, strict=True)]
     assert loss.item() == pytest.approx(sum(want) / 2, rel=1e-6)
-    beta_t = torch.tensor([30.0, 70.0])
-    loss, m = pnapo_loss(e_w, e_l, r_w, r_l, beta_t)
-    want = [-math.log(sig(-bt * ((a - b) - (c - d)))) for bt, a, b, c, d in zip(beta_t.tolist(), e_w.tolist(), e_l.tolist(), r_w.tolist(), r_l.tolist(), strict=True)]
-    assert loss.item() == pytest.approx(sum(want) / 2, rel=1e-6) and m["beta_t"] == pytest.approx(50.0)
+    loss, m = METHODS["pnapo"].loss(E, R, PAIRS, pnapo_ctx(100.0, progress=0.25))
+    beta_t = [100 * 0.75 * 2 / 1.5, 100 * 0.75 * 2 / 4]  # gaps 0.5 and 3 around the median 1, a quarter into training
+    want = [-math.log(sig(-bt * ((a - b) - (c - d)))) for bt, a, b, c, d in zip(beta_t, e_w, e_l, r_w, r_l, strict=True)]
+    assert loss.item() == pytest.approx(sum(want) / 2, rel=1e-6) and m["beta_t"] == pytest.approx(sum(beta_t) / 2)
 
 
 def test_dynamic_beta_factors():
@@ -52,8 +63,22 @@ def test_dynamic_beta_factors():
     assert torch.all(g[1:] < g[:-1])  # decreasing in the gap
 
 
+def test_beta_defaults_by_family_unless_set():
+    for kind, preference in [("rectified_flow", 2000.0), ("diffusion", 5000.0), ("maskgit", 5000.0)]:
+        betas = {name: m.context(TrainSection(method=name), kind, {}).beta for name, m in METHODS.items()}
+        assert betas == {"tgo": 1.0, "pnapo": preference, "dpo": preference, "kto": preference, "sft": preference}
+    assert METHODS["dpo"].context(TrainSection(method="dpo", beta=7.0), "diffusion", {}).beta == 7.0
+
+
+def test_pnapo_context_scales_beta_to_the_median_gap_of_the_pairs():
+    ctx = METHODS["pnapo"].context(TrainSection(method="pnapo"), "rectified_flow", {"gap_quantiles": {"p50": 4.0}})
+    assert ctx.dynamic.gap_ref == 4.0 and ctx.dynamic.beta0 == 2000.0
+    assert METHODS["pnapo"].context(TrainSection(method="pnapo"), "diffusion", {}).dynamic.gap_ref == 1.0  # no statistics
+
+
 def test_kto_by_hand():
-    loss, m = kto_loss(E, R, LABELS, beta=10.0, desirable_weight=2.0, undesirable_weight=0.5)
+    ctx = LossContext(beta=10.0, options=KTOOptions(kto_desirable_weight=2.0, kto_undesirable_weight=0.5))
+    loss, m = METHODS["kto"].loss(E, R, LABELED, ctx)
     g = (R - E).tolist()
     z = max(0.0, sum(g) / 4)
     want = 0.0
@@ -63,22 +88,27 @@ def test_kto_by_hand():
     assert loss.item() == pytest.approx(want / 4, rel=1e-6) and m["kto_z"] == pytest.approx(z)
 
 
+def test_kto_reference_point_is_the_mean_over_processes():
+    ctx = LossContext(beta=10.0, options=KTOOptions(), reduce=lambda t: torch.tensor(0.5))  # the other processes' say
+    assert METHODS["kto"].loss(E, R, LABELED, ctx)[1]["kto_z"] == 0.5
+
+
 def test_sft_by_hand():
-    loss, m = sft_loss(E, LABELS)
+    loss, m = METHODS["sft"].loss(E, E, LABELED, LossContext(beta=1.0, options=Options()))
     assert loss.item() == pytest.approx((0.30 + 0.41) / 2) and m["positives"] == 2
 
 
 def test_closed_forms_at_init_with_gradients():
     e = E.clone().requires_grad_(True)
     ref = E.detach()
-    for name, fn, want in [
-        ("tgo", lambda: tgo_loss(e, ref, LABELS, WEIGHTS, 1.0, 0.001)[0], WEIGHTS.mean().item() * math.log(2)),
-        ("dpo", lambda: dpo_loss(e[:2], e[2:], ref[:2], ref[2:], 5000.0)[0], math.log(2)),
-        ("pnapo", lambda: pnapo_loss(e[:2], e[2:], ref[:2], ref[2:], torch.tensor([2000.0, 900.0]))[0], math.log(2)),
-        ("kto", lambda: kto_loss(e, ref, LABELS, 2000.0)[0], 0.5),
+    for name, ctx, want in [
+        ("tgo", LossContext(beta=1.0, options=TGOOptions()), WEIGHTS.mean().item() * math.log(2)),
+        ("dpo", LossContext(beta=5000.0, options=Options()), math.log(2)),
+        ("pnapo", pnapo_ctx(2000.0, progress=0.3), math.log(2)),
+        ("kto", LossContext(beta=2000.0, options=KTOOptions()), 0.5),
     ]:
         e.grad = None
-        loss = fn()
+        loss, _ = METHODS[name].loss(e, ref, {**LABELED, **PAIRS}, ctx)
         loss.backward()
         assert loss.item() == pytest.approx(want, rel=1e-6), name
         assert e.grad is not None and e.grad.abs().sum() > 0, name

@@ -1,5 +1,6 @@
 """Trainer on a tiny SD3 pipeline: closed forms at init, one step in the right direction, recorded noise,
-exact resume, step logs (JSONL and TensorBoard), two processes == one, and the refusal of noise-free pairs for PNAPO."""
+exact resume, step logs (JSONL and TensorBoard), two processes == one, the refusal of noise-free pairs for PNAPO, and
+images read only where no latents are recorded."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
 from pipeline.pair import run_pair
+from pipeline.shards import open_dataset
 from tests.conftest import write_manifest
 from tests.train_harness import make_step, one_sgd_step, prepare_run
+from trainer.methods import METHODS
 from trainer.recipe import train
 
 
@@ -98,7 +101,8 @@ def test_every_step_is_logged_to_jsonl_and_tensorboard(run_dir, tmp_path):
     assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
 
 
-def test_pnapo_refuses_pairs_without_noise(run_dir, tmp_path):
+def _external_pairs(tmp_path):
+    """Pick-a-Pic-like pairs of PNG images, without prior noise or latents."""
     import io
 
     import pyarrow as pa
@@ -111,9 +115,28 @@ def test_pnapo_refuses_pairs_without_noise(run_dir, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ext.parquet")
     ext = load_manifest(write_manifest(tmp_path / "ext.yaml", {"run": {"name": "e", "output_dir": str(tmp_path / "ext")},
                                                                "pair": {"external": {"path": str(tmp_path / "ext.parquet")}}}))
-    pairs = run_pair(ext)
+    return run_pair(ext)
+
+
+def test_pnapo_refuses_pairs_without_noise(run_dir, tmp_path):
+    pairs = _external_pairs(tmp_path)
     with pytest.raises(StageError, match="PNAPO needs both samples' recorded prior noise and these pairs have none"):
         train(run_dir("ext-train.yaml", method="pnapo", data=str(pairs), output_dir=str(tmp_path / "x")))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_images_are_not_read_where_latents_are_recorded(run_dir, method):
+    step, batch = make_step(run_dir(method=method))
+    samples = step.method.samples
+    assert {s.latent for s in samples} <= set(batch) and not {s.image for s in samples} & set(batch)
+    assert ({s.noise for s in samples} <= set(batch)) == (method == "pnapo")
+
+
+def test_images_are_decoded_and_encoded_where_no_latents_are_recorded(run_dir, tmp_path):
+    pairs = _external_pairs(tmp_path)
+    assert {"winner_image", "loser_image"} <= set(METHODS["dpo"].columns(set(open_dataset(pairs).features)))
+    out = train(run_dir("ext-dpo.yaml", method="dpo", data=str(pairs), max_steps=1, output_dir=str(tmp_path / "d")))
+    assert math.isfinite(_losses(out)[0])
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ from pipeline.config import load_manifest
 from pipeline.generate import run_generate
 from pipeline.pair import run_pair
 from pipeline.score import run_score
-from pipeline.shards import open_dataset
 from pipeline.threshold import run_threshold
 from tests.conftest import write_manifest
 from trainer.data import GlobalBatches
-from trainer.recipe import DynamicBeta, Step, data_columns, load_generator
+from trainer.methods import METHODS
+from trainer.recipe import DATA_STAGES, Step, load_generator, training_data
 
 PROMPTS = "a red cat\na blue dog\nthe photo of a digit\na handwritten seven\nan orange fox\n"
 
@@ -41,8 +41,7 @@ def prepare_run(root: Path, model: Path):
         if "output_dir" in train:  # a separate training output, reading this run's data
             data["run"] = {**base["run"], "output_dir": train.pop("output_dir")}
             data["train"].pop("output_dir")
-            folder = "pairs" if train["method"] in ("pnapo", "dpo") else "labeled"
-            data["train"].setdefault("data", str(root / "out" / folder))
+            data["train"].setdefault("data", str(m.stage_dir(DATA_STAGES[METHODS[train["method"]].data])))
         return load_manifest(write_manifest(root / name, data))
 
     return make
@@ -61,18 +60,15 @@ class OneProcess:
 
 
 def make_step(manifest) -> tuple[Step, dict[str, Any]]:
-    """A Step with a trainable policy and a frozen copy as reference, and the first batch of its data."""
-    cfg = manifest.train
+    """A Step with a trainable policy and (where the method needs one) a frozen copy as reference, and the first
+    batch of its data, set up as the recipe sets them up."""
+    cfg, method = manifest.train, METHODS[manifest.train.method]
+    path, dataset = training_data(manifest, method)
     _, adapter = load_generator(manifest, torch.device("cpu"))
     policy = adapter.denoiser.requires_grad_(True).train()
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    kind = "pairs" if cfg.method in ("pnapo", "dpo") else "labeled"
-    path = manifest.stage_dir("pair" if kind == "pairs" else "threshold")
-    available = set(open_dataset(path).features)
-    batch = next(GlobalBatches(path, data_columns(cfg.method, available), cfg.batch_size, kind=kind).epoch(0))
-    dynamic = DynamicBeta(2000.0, 1.0) if cfg.method == "pnapo" else None
-    beta = cfg.beta or (1.0 if cfg.method == "tgo" else 2000.0)
-    return Step(cfg, adapter, policy, reference, OneProcess(), beta, dynamic), batch
+    reference = copy.deepcopy(policy).requires_grad_(False).eval() if method.needs_reference else None
+    batch = next(GlobalBatches(path, method.columns(set(dataset.features)), cfg.batch_size, kind=method.data).epoch(0))
+    return Step(cfg, adapter, policy, reference, OneProcess(), dataset.stats), batch
 
 
 def one_sgd_step(step: Step, batch: dict[str, Any]) -> dict[str, float]:

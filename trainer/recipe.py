@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +23,22 @@ import torch
 
 from pipeline.config import Manifest, TrainSection, files_fingerprint
 from pipeline.errors import StageError
-from pipeline.families import Family, family_of, lora_format
-from pipeline.families import Family as Adapter  # the name Latents and Step annotate with
-from pipeline.shards import open_dataset, write_json_atomic
+from pipeline.families import Family, family_of
+from pipeline.shards import Dataset, open_dataset, write_json_atomic
 from trainer.data import GlobalBatches
-from trainer.losses import DynamicBeta, dpo_loss, kto_loss, pnapo_loss, sft_loss, tgo_loss
+from trainer.methods import METHODS, Method
 
 log = logging.getLogger("tauflow")
-PAIR_METHODS = ("pnapo", "dpo")
 DONE = "done.json"
+DATA_STAGES = {"labeled": "threshold", "pairs": "pair"}  # the stage that writes each kind of training data
 
 
-def default_beta(method: str, family: str) -> float:
-    if method == "tgo":
-        return 1.0
-    return 2000.0 if family == "rectified_flow" else 5000.0
-
-
-def data_columns(method: str, available: set[str] | None = None) -> list[str]:
-    """Columns a method reads; recorded final latents are used instead of re-encoding images when present."""
-    if method in PAIR_METHODS:
-        cols = ["pair_id", "prompt", "winner_id", "loser_id", "winner_image", "loser_image", "gap"]
-        cols += ["winner_noise", "loser_noise"] if method == "pnapo" else []
-        latents = ["winner_latent", "loser_latent"]
-    else:
-        cols, latents = ["sample_id", "prompt", "image", "label", "weight"], ["latent"]
-    return cols + [c for c in latents if available is None or c in available]
+def training_data(manifest: Manifest, method: Method) -> tuple[Path, Dataset]:
+    """The dataset `method` trains on (train.data, or this run's labeled or pairs dataset), opened and checked."""
+    path = manifest.require("train").data or manifest.stage_dir(DATA_STAGES[method.data])
+    dataset = open_dataset(path, kind=method.data, verify=False)
+    method.check_data(path, dataset)
+    return path, dataset
 
 
 def train_dir(manifest: Manifest) -> Path:
@@ -78,7 +69,7 @@ class Latents:
     """VAE latents of training images, cached by sample id (the VAE is frozen). Cached images are encoded one
     at a time so that a latent does not depend on the batch that first met it (exact resumes)."""
 
-    def __init__(self, adapter: Adapter, enabled: bool):
+    def __init__(self, adapter: Family, enabled: bool):
         self.adapter, self.enabled, self.cache = adapter, enabled, {}
 
     def __call__(self, pixels: torch.Tensor, ids: list[str], recorded: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,11 +87,14 @@ class Latents:
 class Step:
     """Computes one method's loss on one batch; holds the policy, the reference and the adapter."""
 
-    def __init__(self, cfg: TrainSection, adapter: Adapter, policy, reference, accelerator, beta: float,
-                 dynamic: DynamicBeta | None):
+    def __init__(self, cfg: TrainSection, adapter: Family, policy, reference, accelerator, data_stats: dict[str, Any]):
         self.cfg, self.adapter, self.policy, self.reference = cfg, adapter, policy, reference
-        self.accelerator, self.beta, self.dynamic = accelerator, beta, dynamic
+        self.accelerator, self.method = accelerator, METHODS[cfg.method]
+        self.ctx = replace(self.method.context(cfg, adapter.kind, data_stats), reduce=self._mean_over_processes)
         self.latents = Latents(adapter, cfg.cache)
+
+    def _mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean")
 
     def _randomness(self, step: int, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh noise and t drawn for the global batch at `step`; this process's `n` rows of them."""
@@ -111,6 +105,12 @@ class Step:
         eps = torch.randn((g, *shape), generator=gen)
         sl = slice(acc.process_index * n, (acc.process_index + 1) * n)
         return eps[sl].to(acc.device), t[sl]
+
+    def _recorded_noise(self, batch: dict[str, Any], x0: torch.Tensor) -> torch.Tensor:
+        eps = torch.cat([batch[s.noise] for s in self.method.samples]).to(x0.device, x0.dtype)
+        if eps.shape != x0.shape:
+            raise StageError(f"recorded noise of shape {tuple(eps.shape[1:])} does not match latents {tuple(x0.shape[1:])}")
+        return eps
 
     def _reference_errors(self, x0, cond, eps, t) -> torch.Tensor:
         with torch.no_grad():
@@ -126,47 +126,18 @@ class Step:
             return self.adapter.errors(self.reference, x0.to(device), moved, eps.to(device), t).to(x0.device)
 
     def __call__(self, batch: dict[str, Any], step: int, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, adapter = self.cfg, self.adapter
-        if cfg.method in PAIR_METHODS:
-            x0 = torch.cat([self.latents(batch["winner_image"], batch["winner_id"], batch.get("winner_latent")),
-                            self.latents(batch["loser_image"], batch["loser_id"], batch.get("loser_latent"))])
-            cond = adapter.encode_prompts(batch["prompt"] * 2, cache=cfg.cache)
-            half = len(batch["prompt"])
-            fresh, t = self._randomness(step, half, tuple(x0.shape[1:]))
-            if cfg.method == "pnapo":
-                eps = torch.cat([batch["winner_noise"], batch["loser_noise"]]).to(x0.device, x0.dtype)
-                if eps.shape != x0.shape:
-                    raise StageError(f"recorded noise of shape {tuple(eps.shape[1:])} does not match latents {tuple(x0.shape[1:])}")
-            else:
-                eps = torch.cat([fresh, fresh])  # fresh noise shared within each pair
-            t = torch.cat([t, t])  # one t per pair, shared by winner and loser
-            e = adapter.errors(self.policy, x0, cond, eps, t)
-            e_ref = self._reference_errors(x0, cond, eps, t)
-            e_w, e_l, r_w, r_l = e[:half], e[half:], e_ref[:half], e_ref[half:]
-            if cfg.method == "pnapo":
-                beta_t = self.dynamic(batch["gap"].to(e.device), progress)
-                loss, metrics = pnapo_loss(e_w, e_l, r_w, r_l, beta_t)
-            else:
-                loss, metrics = dpo_loss(e_w, e_l, r_w, r_l, self.beta)
-                metrics["beta_t"] = self.beta
-        else:
-            x0 = self.latents(batch["image"], batch["sample_id"], batch.get("latent"))
-            cond = adapter.encode_prompts(batch["prompt"], cache=cfg.cache)
-            eps, t = self._randomness(step, len(x0), tuple(x0.shape[1:]))
-            e = adapter.errors(self.policy, x0, cond, eps, t)
-            labels, weights = batch["label"].to(e.device), batch["weight"].to(e.device)
-            if cfg.method == "sft":
-                e_ref = e.detach()
-                loss, metrics = sft_loss(e, labels)
-            else:
-                e_ref = self._reference_errors(x0, cond, eps, t)
-                if cfg.method == "tgo":
-                    loss, metrics = tgo_loss(e, e_ref, labels, weights, self.beta, cfg.temperature)
-                else:
-                    z = self.accelerator.reduce((e_ref - e).mean().detach(), reduction="mean")
-                    loss, metrics = kto_loss(e, e_ref, labels, self.beta, cfg.kto_desirable_weight,
-                                             cfg.kto_undesirable_weight, reference_point=z)
-            metrics["beta_t"] = self.beta
+        method, adapter, samples = self.method, self.adapter, self.method.samples
+        # latents and conditioning of every sample of the rows; pairs are laid out [winners; losers]
+        x0 = torch.cat([self.latents(batch.get(s.image), batch[s.id], batch.get(s.latent)) for s in samples])
+        cond = adapter.encode_prompts(batch["prompt"] * len(samples), cache=self.cfg.cache)
+        # noise and t: one t per row, shared by its samples, and fresh noise shared likewise unless recorded
+        fresh, t = self._randomness(step, len(batch["prompt"]), tuple(x0.shape[1:]))
+        eps = self._recorded_noise(batch, x0) if method.needs_recorded_noise else torch.cat([fresh] * len(samples))
+        t = torch.cat([t] * len(samples))
+        # policy and reference errors on the same noisy inputs, then the method's loss
+        e = adapter.errors(self.policy, x0, cond, eps, t)
+        e_ref = self._reference_errors(x0, cond, eps, t) if method.needs_reference else e.detach()
+        loss, metrics = method.loss(e, e_ref, batch, replace(self.ctx, progress=progress))
         metrics.update(policy_error=e.mean().item(), reference_error=e_ref.mean().item())
         return loss, metrics
 
@@ -207,12 +178,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     ckpt_dir = out / "checkpoints"
     if resume is None and _checkpoints(ckpt_dir):
         raise StageError(f"{out}: holds checkpoints of an earlier run; use --resume latest or --overwrite")
-    data_path = cfg.data or manifest.stage_dir("pair" if cfg.method in PAIR_METHODS else "threshold")
-    kind = "pairs" if cfg.method in PAIR_METHODS else "labeled"
-    dataset = open_dataset(data_path, kind=kind, verify=False)
-    if cfg.method == "pnapo" and "winner_noise" not in dataset.features:
-        raise StageError(f"{data_path}: PNAPO needs both samples' recorded prior noise and these pairs have none "
-                         "(an external import, or a MaskGIT model, which records seeds only); use method 'dpo' for noise-free pairs")
+    method = METHODS[cfg.method]
+    data_path, dataset = training_data(manifest, method)
 
     tensorboard = is_tensorboard_available()  # log.jsonl always; TensorBoard events too where it is installed
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
@@ -223,15 +190,16 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     torch.manual_seed(cfg.seed)
     pipe, adapter = load_generator(manifest, accelerator.device)
     policy = adapter.denoiser
-    reference = None
+    reference = None  # LoRA: the base weights under the disabled adapter; none at all where the method needs none
     if cfg.lora is not None:
         from peft import LoraConfig
 
         policy.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                                       init_lora_weights=True))
     else:
-        ref_device = "cpu" if cfg.reference_device == "cpu" else accelerator.device
-        reference = copy.deepcopy(policy).to(ref_device).requires_grad_(False).eval()
+        if method.needs_reference:
+            ref_device = "cpu" if cfg.reference_device == "cpu" else accelerator.device
+            reference = copy.deepcopy(policy).to(ref_device).requires_grad_(False).eval()
         policy.requires_grad_(True)
     if cfg.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(policy)
@@ -242,15 +210,9 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
 
-    data = GlobalBatches(data_path, data_columns(cfg.method, set(dataset.features)), cfg.batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, seed=cfg.seed, kind=kind)
-    beta = cfg.beta or default_beta(cfg.method, adapter.family)
-    dynamic = None
-    if cfg.method == "pnapo":
-        gap_ref = dataset.stats.get("gap_quantiles", {}).get("p50") or 1.0
-        d = cfg.dynamic_beta
-        dynamic = DynamicBeta(beta, gap_ref, d.gap, d.schedule, d.gap_strength, d.start, d.ramp)
-    step_fn = Step(cfg, adapter, policy, reference, accelerator, beta, dynamic)
+    data = GlobalBatches(data_path, method.columns(set(dataset.features)), cfg.batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, seed=cfg.seed, kind=method.data)
+    step_fn = Step(cfg, adapter, policy, reference, accelerator, dataset.stats)
 
     step, micro = 0, 0
     if resume is not None:
@@ -313,7 +275,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
         (out / DONE).unlink(missing_ok=True)
         write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final), "config_hash": config_hash,
-                                       "format": lora_format(pipe) if cfg.lora else "pipeline", "data": str(data_path)})
+                                       "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -35,7 +35,7 @@ FAMILIES: dict[str, type[Family]] = {
     "AmusedPipeline": AmusedFamily,
 }
 
-__all__ = ["FAMILIES", "Family", "family_of", "lora_format"]
+__all__ = ["FAMILIES", "Family", "family_of"]
 
 
 def family_of(pipe: Any, *, height: int = 512, width: int = 512, guidance_scale: float = 3.5,
@@ -46,8 +46,3 @@ def family_of(pipe: Any, *, height: int = 512, width: int = 512, guidance_scale:
     if name not in FAMILIES:
         raise StageError(f"unsupported pipeline class {name}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name](pipe, height=height, width=width, guidance_scale=guidance_scale, text_kwargs=text_kwargs or {})
-
-
-def lora_format(pipe: Any) -> str:
-    """The LoRA format of `pipe`'s family (what trainer.recipe.train records in done.json)."""
-    return family_of(pipe).lora_format

@@ -49,11 +49,6 @@ class Family:
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
-    def family(self) -> str:
-        """The kind, under the name trainer.recipe reads."""
-        return self.kind
-
-    @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipe, self.denoiser_name)
 
