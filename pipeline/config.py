@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr,
 
 from pipeline.errors import ManifestError
 
-STAGES = ("generate", "score", "threshold", "pair", "train", "eval")
-
 
 def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
@@ -317,8 +315,10 @@ class Manifest(Section):
         return Path(self.run.output_dir)
 
     def stage_dir(self, stage: str) -> Path:
-        folder = {"generate": "samples", "score": "scored", "threshold": "labeled", "pair": "pairs"}.get(stage, stage)
-        return self.output_dir / folder
+        """Where a stage writes its output (the folders are declared with the stages, pipeline/stage.py)."""
+        from pipeline.stage import stage_named
+
+        return self.output_dir / stage_named(stage).folder
 
     def require(self, stage: str) -> Any:
         section = getattr(self, stage)

@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Manifest, TrainSection, files_fingerprint
+from pipeline.config import Manifest, TrainSection
 from pipeline.errors import StageError
 from pipeline.families import lora_format
 from pipeline.shards import open_dataset, write_json_atomic
+from pipeline.stage import Train
 from trainer.adapters import Adapter, adapter_for
 from trainer.data import GlobalBatches
 from trainer.losses import DynamicBeta, dpo_loss, kto_loss, pnapo_loss, sft_loss, tgo_loss
 
 log = logging.getLogger("tauflow")
 PAIR_METHODS = ("pnapo", "dpo")
-DONE = "done.json"
 
 
 def default_beta(method: str, family: str) -> float:
@@ -47,10 +47,6 @@ def data_columns(method: str, available: set[str] | None = None) -> list[str]:
     else:
         cols, latents = ["sample_id", "prompt", "image", "label", "weight"], ["latent"]
     return cols + [c for c in latents if available is None or c in available]
-
-
-def train_dir(manifest: Manifest) -> Path:
-    return manifest.output_dir / "train" / manifest.require("train").method
 
 
 def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Adapter]:
@@ -190,15 +186,10 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     from diffusers.optimization import get_scheduler
 
     cfg = manifest.require("train")
-    out = train_dir(manifest)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    start_model = cfg.model or (manifest.generate.model if manifest.generate else None)
-    config_hash = cfg.content_hash(model=start_model, model_files=files_fingerprint(start_model))
-    if (out / DONE).exists() and resume is None:  # a finished run; --resume with a larger max_steps extends it
-        if json.loads((out / DONE).read_text()).get("config_hash") != config_hash:
-            raise StageError(f"{out}: was trained with a different configuration; rerun with --overwrite to replace it")
-        log.info("train: %s is complete; skipping (use --overwrite to redo it)", out)
+    stage = Train(manifest)
+    out = stage.output
+    identity = stage.begin(overwrite=overwrite, extend=resume is not None)  # --resume extends a finished run
+    if identity is None:
         return out
     ckpt_dir = out / "checkpoints"
     if resume is None and _checkpoints(ckpt_dir):
@@ -304,9 +295,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
-        (out / DONE).unlink(missing_ok=True)
-        write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final), "config_hash": config_hash,
-                                       "format": lora_format(pipe) if cfg.lora else "pipeline", "data": str(data_path)})
+        stage.seal(identity, {"method": cfg.method, "steps": step, "final": str(final),
+                              "format": lora_format(pipe) if cfg.lora else "pipeline", "data": str(data_path)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
