@@ -7,51 +7,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Manifest, dump_manifest, load_manifest
 from pipeline.errors import TauflowError
 from pipeline.shards import write_bytes_atomic
-
-log = logging.getLogger("tauflow")
-
-STAGE_HELP = {
-    "generate": "generate K images per prompt, recording each image's prior noise (-> samples)",
-    "score": "score every image with the manifest's reward bank (-> scored)",
-    "threshold": "percentile threshold tau, labels and confidence weights for TGO (-> labeled)",
-    "pair": "winner/loser pairs per prompt with both prior noises for PNAPO/DPO (-> pairs)",
-    "train": "fine-tune the generator with TGO, PNAPO, Diffusion-DPO, KTO or SFT",
-    "eval": "fixed-noise before/after comparison on held-out prompts",
-}
-
-
-def _stage_runner(stage: str) -> Callable[..., Path]:
-    if stage == "generate":
-        from pipeline.generate import run_generate
-
-        return run_generate
-    if stage == "score":
-        from pipeline.score import run_score
-
-        return run_score
-    if stage == "threshold":
-        from pipeline.threshold import run_threshold
-
-        return run_threshold
-    if stage == "pair":
-        from pipeline.pair import run_pair
-
-        return run_pair
-    if stage == "train":
-        from trainer.recipe import train
-
-        return train
-    if stage == "eval":
-        from pipeline.evaluation import run_eval
-
-        return run_eval
-    raise TauflowError(f"the '{stage}' stage is not available in this version of tauflow")
+from pipeline.stage import STAGES, Stage
 
 
 def _save_resolved(manifest: Manifest) -> None:
@@ -59,54 +20,39 @@ def _save_resolved(manifest: Manifest) -> None:
     write_bytes_atomic(manifest.output_dir / "manifest.resolved.yaml", dump_manifest(manifest).encode())
 
 
-def run_stage(manifest: Manifest, stage: str, *, overwrite: bool = False, executor: str | None = None,
-              resume: str | None = None) -> Path:
-    manifest.require(stage)
-    kwargs: dict = {"overwrite": overwrite}
-    if stage in ("generate", "score"):
-        kwargs["executor"] = executor
-    if stage == "train":
-        kwargs["resume"] = resume
-        paths = [_stage_runner(stage)(job, **kwargs) for job in train_jobs(manifest)]
-        path = paths[0].parent if len(paths) > 1 else paths[0]
-    else:
-        path = _stage_runner(stage)(manifest, **kwargs)
+def run_stage(manifest: Manifest, stage: type[Stage], args: argparse.Namespace) -> Path:
+    """One stage with the command line's --overwrite and whichever of its own options the command has."""
+    job = stage(manifest)
+    options = {name: getattr(args, name) for name in stage.options if hasattr(args, name)}
+    path = job.execute(overwrite=args.overwrite, **options)
     _save_resolved(manifest)  # only a configuration that ran: a refused one never replaces it
     return path
 
 
-def train_jobs(manifest: Manifest) -> list[Manifest]:
-    """The manifest once per training method (train.methods), each with a single-method train section."""
-    jobs = []
-    for section in manifest.require("train").jobs():
-        job = manifest.model_copy(update={"train": section})
-        job._source = manifest.source
-        jobs.append(job)
-    return jobs
+def _load(args: argparse.Namespace) -> Manifest:
+    manifest = load_manifest(args.manifest, args.overrides)
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
+    return manifest
+
+
+def configured(manifest: Manifest) -> list[type[Stage]]:
+    return [stage for stage in STAGES if getattr(manifest, stage.name) is not None]
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    manifest = load_manifest(args.manifest, args.overrides)
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
-    path = run_stage(manifest, args.command, overwrite=args.overwrite, executor=args.executor,
-                     resume=getattr(args, "resume", None))
-    print(f"{args.command}: {path}")
+    print(f"{args.stage.name}: {run_stage(_load(args), args.stage, args)}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    manifest = load_manifest(args.manifest, args.overrides)
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
-    stages = [s for s in STAGE_HELP if getattr(manifest, s) is not None]
-    for stage in stages:
-        path = run_stage(manifest, stage, overwrite=args.overwrite, executor=args.executor)
-        print(f"{stage}: {path}")
+    manifest = _load(args)
+    for stage in configured(manifest):
+        print(f"{stage.name}: {run_stage(manifest, stage, args)}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
     manifest = load_manifest(args.manifest, args.overrides)
-    stages = [s for s in STAGE_HELP if getattr(manifest, s) is not None]
+    stages = [stage.name for stage in configured(manifest)]
     print(f"{args.manifest}: valid; stages: {', '.join(stages)}; output: {manifest.output_dir}")
     if args.print:
         print(dump_manifest(manifest))
@@ -144,15 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("manifest", help="run manifest (YAML)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generate.images_per_prompt=4")
 
-    for stage, help_ in STAGE_HELP.items():
-        p = sub.add_parser(stage, help=help_, description=help_)
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         manifest_args(p)
         p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming")
         p.add_argument("--executor", choices=["ray", "local"], help="override run.executor")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-        if stage == "train":
+        if "resume" in stage.options:
             p.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
-        p.set_defaults(func=cmd_stage)
+        p.set_defaults(func=cmd_stage, stage=stage)
 
     p = sub.add_parser("run", help="all configured stages in order, skipping completed ones")
     manifest_args(p)

@@ -20,8 +20,6 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pipeline.errors import ManifestError
 from trainer.methods import METHODS, OPTION_OWNERS
 
-STAGES = ("generate", "score", "threshold", "pair", "train", "eval")
-
 
 def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
@@ -385,8 +383,10 @@ class Manifest(Section):
         return Path(self.run.output_dir)
 
     def stage_dir(self, stage: str) -> Path:
-        folder = {"generate": "samples", "score": "scored", "threshold": "labeled", "pair": "pairs"}.get(stage, stage)
-        return self.output_dir / folder
+        """Where a stage writes its output (the folders are declared with the stages, pipeline/stage.py)."""
+        from pipeline.stage import stage_named
+
+        return self.output_dir / stage_named(stage).folder
 
     def require(self, stage: str) -> Any:
         section = getattr(self, stage)

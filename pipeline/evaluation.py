@@ -27,7 +27,7 @@ from pipeline.generate import SampleGenerator, load_model, pick_device
 from pipeline.prompts import load_prompts
 from pipeline.readers import decode_png
 from pipeline.score import decode_images
-from pipeline.shards import write_json_atomic
+from pipeline.stage import Eval
 
 log = logging.getLogger("tauflow")
 TIE = 1e-6
@@ -57,12 +57,6 @@ def discover_models(manifest: Manifest) -> list[Model]:
         raise StageError(f"{manifest.source}: nothing to compare: no eval.models and no finished training under "
                          f"{manifest.output_dir / 'train'}")
     return models
-
-
-def _done_stamp(model: Model) -> str | None:
-    """What identifies a trained model's weights: its done.json (written once training ends)."""
-    done = Path(model.path).parent / "done.json"
-    return done.read_text() if done.exists() else None
 
 
 def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
@@ -96,18 +90,15 @@ def _pixels(pngs: list[bytes]) -> np.ndarray:
 
 
 def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
+    """The eval stage (pipeline.stage.Eval): skipped when complete with the same models and settings."""
+    return Eval(manifest).execute(overwrite=overwrite)
+
+
+def evaluate(manifest: Manifest, models: list[Model], out: Path) -> dict[str, Any]:
+    """Generate and score every model from the same noise; writes the report and returns results.json's content."""
     from rewards.bank import RewardBank
 
     cfg, gen = manifest.require("eval"), manifest.require("generate")
-    out = manifest.output_dir / "eval"
-    models = discover_models(manifest)
-    fingerprint = cfg.content_hash(generate=gen.content_hash(), score=manifest.score.content_hash() if manifest.score else None,
-                                   models=[(m.name, m.path, _done_stamp(m)) for m in models])
-    if (out / "results.json").exists() and not overwrite:
-        if json.loads((out / "results.json").read_text()).get("fingerprint") == fingerprint:
-            log.info("eval: %s is up to date; skipping (use --overwrite to redo it)", out)
-            return out
-        log.info("eval: models or settings changed since %s was written; evaluating again", out)
     out.mkdir(parents=True, exist_ok=True)
     prompts, _ = load_prompts(cfg.prompts, gen.prompt_column, dedupe=False)
     k = cfg.images_per_prompt
@@ -119,7 +110,6 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
     device = pick_device(gen.device)
     bank = RewardBank(specs, device)
     results: dict[str, Any] = {
-        "fingerprint": fingerprint,
         "prompts": str(cfg.prompts), "n_prompts": len(prompts), "images_per_prompt": k, "seed": cfg.seed,
         "rewards": [s.name for s in specs], "training_rewards": [s.name for s in train_rewards],
         "heldout_rewards": [s.name for s in specs if s not in train_rewards], "models": [],
@@ -149,8 +139,7 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
             entry["drift"] = float(np.abs(_pixels(pngs) - base_pixels).mean())
         results["models"].append(entry)
         results.setdefault("scores", {})[model.name] = {n: v.tolist() for n, v in scores.items()}
-    write_json_atomic(out / "results.json", results)
     from pipeline.report import write_report
 
     write_report(manifest, results, images, out)
-    return out
+    return results

@@ -24,10 +24,11 @@ from pipeline.config import GenerateSection, Manifest
 from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
 from pipeline.families import family_of
-from pipeline.prompts import Prompt, load_prompts
+from pipeline.prompts import Prompt
 from pipeline.schema import noise_to_arrow, samples_features
 from pipeline.seeds import prior_noise, sample_id, sample_seed
 from pipeline.shards import ShardRecord, StageOutput, shard_name, write_shard
+from pipeline.stage import Generate, Written
 
 log = logging.getLogger("tauflow")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -179,17 +180,14 @@ def plan_units(prompts: list[Prompt], per_unit: int) -> list[dict[str, Any]]:
 
 
 def run_generate(manifest: Manifest, *, overwrite: bool = False, executor: str | None = None) -> Path:
-    cfg, run = manifest.require("generate"), manifest.run
-    out_path = manifest.stage_dir("generate")
-    prompts, prompt_stats = load_prompts(cfg.prompts, cfg.prompt_column, cfg.dedupe_prompts)
-    prompts_hash = _sha_of_prompts(prompts)
-    out = StageOutput(
-        out_path, kind="samples", stage="generate",
-        config_hash=cfg.content_hash(run_seed=run.seed, prompts=prompts_hash), overwrite=overwrite,
-    )
-    if out.complete:
-        log.info("generate: %s is complete; skipping (use --overwrite to redo it)", out_path)
-        return out_path
+    """The generate stage (pipeline.stage.Generate): skipped when complete, resumed when started."""
+    return Generate(manifest).execute(overwrite=overwrite, executor=executor)
+
+
+def write_samples(stage: Generate, out: StageOutput, executor: str | None) -> Written:
+    """Generate the shards not yet written, on the run's executor."""
+    cfg, run = stage.cfg, stage.manifest.run
+    prompts, prompt_stats = stage.prompts
     units = plan_units(prompts, cfg.prompts_per_shard)
     pending = [units[i] for i in out.pending(len(units))]
     if len(pending) < len(units):
@@ -198,19 +196,13 @@ def run_generate(manifest: Manifest, *, overwrite: bool = False, executor: str |
         executor or run.executor, run.ray_address, cfg.num_workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
         cfg.max_retries,
     )
-    kwargs = {"cfg": cfg.model_dump(mode="json"), "run_seed": run.seed, "out_dir": str(out_path)}
+    kwargs = {"cfg": cfg.model_dump(mode="json"), "run_seed": run.seed, "out_dir": str(out.path)}
     run_units(GenerateWorker, kwargs, pending, res, desc="generate", rows_of=lambda u: len(u["prompts"]) * cfg.images_per_prompt)
-    features = _features_from_shard(out_path)
-    out.finalize(
-        num_shards=len(units),
-        features=features,
-        config=manifest.model_dump(mode="json", exclude_none=True),
-        stats={"prompts": prompt_stats, "prompts_sha256": prompts_hash, "images_per_prompt": cfg.images_per_prompt},
-    )
-    return out_path
+    stats = {"prompts": prompt_stats, "prompts_sha256": prompts_sha256(prompts), "images_per_prompt": cfg.images_per_prompt}
+    return Written(len(units), _features_from_shard(out.path), stats)
 
 
-def _sha_of_prompts(prompts: list[Prompt]) -> str:
+def prompts_sha256(prompts: list[Prompt]) -> str:
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(f"{p.prompt_id}\t{p.text}\t{p.negative_prompt}\n".encode())

@@ -2,8 +2,8 @@
 
 The lock is an OS file lock (`flock`), so the kernel releases it when its process dies: a lock left by a killed
 run is simply free again, with no staleness rule to get wrong. The file itself names the holder (pid, host, start
-time) so that a refused second writer can say who holds it. It sits beside the output directory, not inside,
-because `--overwrite` removes the directory.
+time) so that a refused second writer can say who holds it, and is removed on release. It sits beside the output
+directory, not inside, because `--overwrite` removes the directory.
 """
 
 from __future__ import annotations
@@ -29,19 +29,29 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise StageError(f"{self.output}: another tauflow process is writing it ({holder}); wait for it or stop it") from None
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise StageError(f"{self.output}: another tauflow process is writing it ({holder}); wait for it or stop it") from None
+            if self._still_linked(fd):
+                break
+            os.close(fd)  # the holder released and removed this file between our open and our lock: start over
         info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
                 "started": datetime.now(UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
         return self
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.stat(self.file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def _holder(fd: int) -> str:
@@ -53,6 +63,7 @@ class OutputLock:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         if self._fd is not None:
+            self.file.unlink(missing_ok=True)  # while still locked, so no one can have locked this file meanwhile
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -13,7 +13,6 @@ caption); ties (label 0.5) are dropped. Such pairs suit Diffusion-DPO; PNAPO ref
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from pipeline.errors import StageError
 from pipeline.groups import Groups, check_prompts_unique_across
 from pipeline.schema import pairs_features, score_column
 from pipeline.shards import Dataset, StageOutput, open_dataset
+from pipeline.stage import Pair, Written
 
-log = logging.getLogger("tauflow")
 EXTERNAL_ROWS_PER_SHARD = 4096
 
 
@@ -96,18 +95,16 @@ def _score_of(cfg: PairSection, manifest: Manifest, ds: Dataset) -> str:
 
 
 def run_pair(manifest: Manifest, *, overwrite: bool = False) -> Path:
-    cfg = manifest.require("pair")
-    out_path = manifest.stage_dir("pair")
-    if cfg.external is not None:
-        return import_external(cfg.external, out_path, overwrite=overwrite)
-    labeled = manifest.stage_dir("threshold")
-    src_path = labeled if (labeled / "manifest.json").exists() and cfg.reward is None else manifest.stage_dir("score")
-    src = open_dataset(src_path, kind=("scored", "labeled"), verify=True)
+    """The pair stage (pipeline.stage.Pair): skipped when complete."""
+    return Pair(manifest).execute(overwrite=overwrite)
+
+
+def write_pairs(stage: Pair, out: StageOutput) -> Written:
+    """Pairs of every prompt's samples, shard by shard, from the stage's input (labeled or scored)."""
+    cfg, manifest = stage.cfg, stage.manifest
+    (source,) = stage.inputs()
+    src = open_dataset(source.path, kind=source.kinds, verify=True)
     column = _score_of(cfg, manifest, src)
-    out = StageOutput(out_path, kind="pairs", stage="pair", config_hash=cfg.content_hash(input=src.manifest["config_hash"], column=column), overwrite=overwrite)
-    if out.complete:
-        log.info("pair: %s is complete; skipping (use --overwrite to redo it)", out_path)
-        return out_path
     features = pairs_features(src.features.get("noise"))
     ids, gaps = [], []
     counts = {"candidates": 0, "ties": 0, "below_min_gap": 0, "single_sample_prompts": 0}
@@ -137,11 +134,7 @@ def run_pair(manifest: Manifest, *, overwrite: bool = False) -> Path:
         "gap_quantiles": dict(zip(["min", "p25", "p50", "p75", "max"], np.quantile(gap_all, [0, 0.25, 0.5, 0.75, 1]).tolist())),
         "has_noise": "winner_noise" in features,
     }
-    out.finalize(
-        num_shards=len(src.shard_paths), features=features,
-        config=manifest.model_dump(mode="json", exclude_none=True), inputs=[src.path], stats=stats,
-    )
-    return out_path
+    return Written(len(src.shard_paths), features, stats)
 
 
 def _read_external(path: Path):
@@ -169,16 +162,13 @@ def _image_bytes(value: Any, where: str) -> bytes:
     raise StageError(f"{where}: expected image bytes, got {type(value).__name__}")
 
 
-def import_external(cfg: ExternalPairs, out_path: Path, *, overwrite: bool = False) -> Path:
+def import_external(cfg: ExternalPairs, out: StageOutput) -> Written:
     """Pairs from an external preference dataset (no prior noise): label_0 = 1 means image_0 won."""
     cols = cfg.columns
     src = _read_external(Path(cfg.path))
     missing = [c for c in cols.values() if c not in src.column_names]
     if missing:
         raise StageError(f"{cfg.path}: columns {missing} not found (has {src.column_names}); set pair.external.columns")
-    out = StageOutput(out_path, kind="pairs", stage="pair", config_hash=cfg.content_hash(), overwrite=overwrite)
-    if out.complete:
-        return out_path
     features = pairs_features(None)
     rows, ties, shard = [], 0, 0
     for n, ex in enumerate(src):
@@ -206,8 +196,4 @@ def import_external(cfg: ExternalPairs, out_path: Path, *, overwrite: bool = Fal
         out.write(shard, pa.Table.from_pylist(rows, schema=features.arrow_schema))
         shard += 1
     kept = len(src) - ties
-    out.finalize(
-        num_shards=shard, features=features, config={"pair": {"external": cfg.model_dump(mode="json")}},
-        stats={"source": str(cfg.path), "rows": len(src), "pairs": kept, "ties": ties, "has_noise": False},
-    )
-    return out_path
+    return Written(shard, features, {"source": str(cfg.path), "rows": len(src), "pairs": kept, "ties": ties, "has_noise": False})

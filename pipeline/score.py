@@ -23,8 +23,8 @@ from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
 from pipeline.generate import pick_device
 from pipeline.schema import score_column, scored_features
-from pipeline.shards import (ShardRecord, ShardWriter, StageOutput, finish_replace, open_dataset, replace_dataset,
-                             shard_name)
+from pipeline.shards import ShardRecord, ShardWriter, StageOutput, open_dataset, shard_name
+from pipeline.stage import Score, Written
 
 log = logging.getLogger("tauflow")
 
@@ -93,45 +93,35 @@ def reward_stats(values: np.ndarray) -> dict[str, float]:
 
 
 def run_score(manifest: Manifest, *, overwrite: bool = False, executor: str | None = None) -> Path:
-    cfg, run = manifest.require("score"), manifest.run
-    scored_dir = manifest.stage_dir("score")
-    finish_replace(scored_dir)  # a reward addition cut short by a crash
-    specs = {s.name: s.model_dump(mode="json") for s in cfg.rewards}
-    existing = open_dataset(scored_dir, kind="scored", verify=True) if (scored_dir / "manifest.json").exists() and not overwrite else None
-    if existing is not None:
-        have = existing.stats.get("reward_specs", {})
-        changed = [n for n in specs if n in have and have[n] != specs[n]]
-        if changed:
-            raise StageError(f"{scored_dir}: rewards {changed} were scored with a different spec; rerun with --overwrite")
+    """The score stage (pipeline.stage.Score): skipped when complete, widened when a reward is added."""
+    return Score(manifest).execute(overwrite=overwrite, executor=executor)
+
+
+def write_scores(stage: Score, out: StageOutput, executor: str | None) -> Written:
+    """Score the samples, or only the new rewards of a finished scored dataset (into a copy beside it)."""
+    cfg, run = stage.cfg, stage.manifest.run
+    have = stage.scored
+    if have:
+        source = open_dataset(stage.output, kind="scored", verify=True)
         new = [s for s in cfg.rewards if s.name not in have]
-        if not new:
-            log.info("score: %s already has every reward; skipping (use --overwrite to redo it)", scored_dir)
-            return scored_dir
-        source, target, all_specs = existing, scored_dir.with_name(scored_dir.name + ".adding"), {**have, **specs}
-        log.info("score: adding rewards %s to %s", [s.name for s in new], scored_dir)
+        log.info("score: adding rewards %s to %s", [s.name for s in new], stage.output)
     else:
-        source = open_dataset(manifest.stage_dir("generate"), kind="samples", verify=True)
-        target, new, all_specs = scored_dir, list(cfg.rewards), specs
-    config_hash = cfg.content_hash(input=source.manifest["config_hash"], rewards=all_specs)
-    out = StageOutput(target, kind="scored", stage="score", config_hash=config_hash, overwrite=overwrite)
+        source = open_dataset(stage.manifest.stage_dir("generate"), kind="samples", verify=True)
+        new = list(cfg.rewards)
     num = len(source.shard_paths)
     units = [{"unit": i, "rows": s["rows"]} for i, s in enumerate(source.manifest["shards"])]
     pending = [units[i] for i in out.pending(num)]
     res = Resources(executor or run.executor, run.ray_address, cfg.num_workers, cfg.cpus_per_worker,
                     cfg.gpus_per_worker, cfg.max_retries)
-    kwargs = {"specs": [s.model_dump(mode="json") for s in new], "source": str(source.path), "out_dir": str(target),
+    kwargs = {"specs": [s.model_dump(mode="json") for s in new], "source": str(source.path), "out_dir": str(out.path),
               "batch_size": cfg.batch_size, "device": cfg.device, "one_at_a_time": cfg.one_at_a_time,
               "cpus_per_worker": cfg.cpus_per_worker}
     run_units(ScoreWorker, kwargs, pending, res, desc="score", rows_of=lambda u: u["rows"])
     features = scored_features(source.features, [s.name for s in new])
     columns = [c for c in features if c.startswith("score_")]
-    table = pa.concat_tables([pq.read_table(target / shard_name(i), columns=columns) for i in range(num)])
+    table = pa.concat_tables([pq.read_table(out.path / shard_name(i), columns=columns) for i in range(num)])
     stats = {
         "rewards": {c.removeprefix("score_"): reward_stats(table[c].to_numpy()) for c in columns},
-        "reward_specs": all_specs,
+        "reward_specs": {**have, **stage.specs},
     }
-    out.finalize(num_shards=num, features=features, config=manifest.model_dump(mode="json", exclude_none=True),
-                 inputs=[manifest.stage_dir("generate")], stats=stats)
-    if target != scored_dir:  # swap the widened dataset in
-        replace_dataset(scored_dir)
-    return scored_dir
+    return Written(num, features, stats)

@@ -16,7 +16,6 @@ prompt ids, for per-prompt modes) are read to find tau; rows are labelled shard 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from pipeline.errors import StageError
 from pipeline.groups import Groups, check_prompts_unique_across, group_percentile
 from pipeline.schema import labeled_features, score_column
 from pipeline.shards import Dataset, StageOutput, open_dataset, write_json_atomic
+from pipeline.stage import Threshold, Written
 
-log = logging.getLogger("tauflow")
 THRESHOLDS_FILE = "thresholds.json"
 
 
@@ -198,14 +197,14 @@ def plot_histograms(ds: Dataset, rule: ScoreRule, shards: list[ShardScores], tau
 
 
 def run_threshold(manifest: Manifest, *, overwrite: bool = False) -> Path:
-    cfg = manifest.require("threshold")
-    src = open_dataset(manifest.stage_dir("score"), kind="scored", verify=True)
-    out_path = manifest.stage_dir("threshold")
-    config_hash = cfg.content_hash(input=src.manifest["config_hash"])
-    out = StageOutput(out_path, kind="labeled", stage="threshold", config_hash=config_hash, overwrite=overwrite)
-    if out.complete:
-        log.info("threshold: %s is complete; skipping (use --overwrite to redo it)", out_path)
-        return out_path
+    """The threshold stage (pipeline.stage.Threshold): skipped when complete."""
+    return Threshold(manifest).execute(overwrite=overwrite)
+
+
+def write_labels(stage: Threshold, out: StageOutput) -> Written:
+    """Find tau on the scored dataset, then label it shard by shard (with thresholds.json and histograms)."""
+    cfg, out_path = stage.cfg, out.path
+    src = open_dataset(stage.manifest.stage_dir("score"), kind="scored", verify=True)
     rule = score_rule(cfg, src)
     per_prompt = cfg.mode != "global"
     shards = read_scores(src, rule, cfg, per_prompt)
@@ -245,8 +244,4 @@ def run_threshold(manifest: Manifest, *, overwrite: bool = False) -> Path:
     }
     stats["plots"] = plot_histograms(src, rule, shards, tau_g, taus, out_path)
     write_json_atomic(out_path / THRESHOLDS_FILE, stats)
-    out.finalize(
-        num_shards=len(shards), features=features, config=manifest.model_dump(mode="json", exclude_none=True),
-        inputs=[src.path], stats=stats,
-    )
-    return out_path
+    return Written(len(shards), features, stats)

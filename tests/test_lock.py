@@ -43,3 +43,10 @@ def test_lock_is_released_on_error_and_reusable(tmp_path):
         raise RuntimeError("boom")
     with OutputLock(out, "pair"):
         pass
+
+
+def test_released_lock_leaves_no_file(tmp_path):
+    out = tmp_path / "labeled"
+    with OutputLock(out, "threshold") as lock:
+        assert lock.file.exists()
+    assert not lock.file.exists()

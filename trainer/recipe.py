@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Manifest, TrainSection, files_fingerprint
+from pipeline.config import Manifest, TrainSection
 from pipeline.errors import StageError
 from pipeline.families import Family, family_of
 from pipeline.shards import Dataset, open_dataset, write_json_atomic
+from pipeline.stage import Train
 from trainer.data import GlobalBatches
 from trainer.methods import METHODS, Method
 
 log = logging.getLogger("tauflow")
-DONE = "done.json"
 DATA_STAGES = {"labeled": "threshold", "pairs": "pair"}  # the stage that writes each kind of training data
 
 
@@ -39,10 +39,6 @@ def training_data(manifest: Manifest, method: Method) -> tuple[Path, Dataset]:
     dataset = open_dataset(path, kind=method.data, verify=False)
     method.check_data(path, dataset)
     return path, dataset
-
-
-def train_dir(manifest: Manifest) -> Path:
-    return manifest.output_dir / "train" / manifest.require("train").method
 
 
 def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Family]:
@@ -149,6 +145,17 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1]))
 
 
+def _resume_point(ckpt_dir: Path, resume: str) -> Path:
+    """The checkpoint `--resume` names: the newest complete one for 'latest', else the given directory."""
+    complete = _checkpoints(ckpt_dir)
+    if resume == "latest" and not complete:
+        raise StageError(f"{ckpt_dir}: no complete checkpoint to resume from; run without --resume to start afresh")
+    chosen = complete[-1] if resume == "latest" else Path(resume)
+    if not (chosen / "trainer_state.json").exists():
+        raise StageError(f"{chosen}: not a complete checkpoint (no trainer_state.json); use --resume latest")
+    return chosen
+
+
 def _optimizer(cfg: TrainSection, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.use_8bit_adam:
         try:
@@ -165,19 +172,15 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     from diffusers.optimization import get_scheduler
 
     cfg = manifest.require("train")
-    out = train_dir(manifest)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    start_model = cfg.model or (manifest.generate.model if manifest.generate else None)
-    config_hash = cfg.content_hash(model=start_model, model_files=files_fingerprint(start_model))
-    if (out / DONE).exists() and resume is None:  # a finished run; --resume with a larger max_steps extends it
-        if json.loads((out / DONE).read_text()).get("config_hash") != config_hash:
-            raise StageError(f"{out}: was trained with a different configuration; rerun with --overwrite to replace it")
-        log.info("train: %s is complete; skipping (use --overwrite to redo it)", out)
+    stage = Train(manifest)
+    out = stage.output
+    identity = stage.begin(overwrite=overwrite, extend=resume is not None)  # --resume extends a finished run
+    if identity is None:
         return out
     ckpt_dir = out / "checkpoints"
     if resume is None and _checkpoints(ckpt_dir):
         raise StageError(f"{out}: holds checkpoints of an earlier run; use --resume latest or --overwrite")
+    chosen = _resume_point(ckpt_dir, resume) if resume is not None else None  # checked before any model loads
     method = METHODS[cfg.method]
     data_path, dataset = training_data(manifest, method)
 
@@ -215,13 +218,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     step_fn = Step(cfg, adapter, policy, reference, accelerator, dataset.stats)
 
     step, micro = 0, 0
-    if resume is not None:
-        complete = _checkpoints(ckpt_dir)
-        if resume == "latest" and not complete:
-            raise StageError(f"{ckpt_dir}: no complete checkpoint to resume from; run without --resume to start afresh")
-        chosen = complete[-1] if resume == "latest" else Path(resume)
-        if not (chosen / "trainer_state.json").exists():
-            raise StageError(f"{chosen}: not a complete checkpoint (no trainer_state.json); use --resume latest")
+    if chosen is not None:
         accelerator.load_state(str(chosen))
         state = json.loads((chosen / "trainer_state.json").read_text())
         step, micro = state["step"], state["micro"]
@@ -273,9 +270,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
-        (out / DONE).unlink(missing_ok=True)
-        write_json_atomic(out / DONE, {"method": cfg.method, "steps": step, "final": str(final), "config_hash": config_hash,
-                                       "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path)})
+        stage.seal(identity, {"method": cfg.method, "steps": step, "final": str(final),
+                              "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
