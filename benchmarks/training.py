@@ -92,4 +92,61 @@ def bench_train(tmp: Path) -> dict:
     med_step, med_bare = statistics.median(step_s), statistics.median(bare_s)
     return {"step_ms": 1000 * med_step, "bare_step_ms": 1000 * med_bare,
             "ratio": {"median": med_step / med_bare, "min": min(step_s) / max(bare_s), "max": max(step_s) / min(bare_s)},
-            "loader_rows_per_s": loader_rows_s, "consumed_rows_per_s": 8 / med_step}
+            "loader_rows_per_s": loader_rows_s, "consumed_rows_per_s": 8 / med_step,
+            "loader_512px": bench_loader_512(tmp / "pairs512")}
+
+
+def _pairs_512(path: Path, pairs: int) -> float:
+    """A pairs dataset of `pairs` rows whose images are 512 px PNGs; returns the mean PNG size in KiB."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+    from synthetic import kind_table
+
+    from pipeline.shards import StageOutput
+
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:  # smooth colour fields plus grain: compresses about like a generated photo
+        coarse = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((512, 512), Image.BICUBIC)).astype(np.int16)
+        img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    table = kind_table("pairs", 2 * pairs)
+    images = {c: [{"bytes": png(), "path": None} for _ in range(pairs)] for c in ("winner_image", "loser_image")}
+    for name, values in images.items():
+        table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), pa.array(values, table.schema.field(name).type))
+    out = StageOutput(path, kind="pairs", stage="bench", config_hash="h")
+    out.write(0, table)
+    from datasets import Features
+
+    out.finalize(num_shards=1, features=Features.from_arrow_schema(table.schema), config={})
+    return float(np.mean([len(v["bytes"]) for v in images["winner_image"]]) / 1024)
+
+
+def bench_loader_512(path: Path, pairs: int = 48, step_s: float = 0.3) -> dict:
+    """Batches of 8 pairs (16 PNGs at 512 px): seconds per batch decoded inline vs the time a training loop
+    whose step takes `step_s` (a GPU step, simulated by sleeping) waits for each batch with prefetching."""
+    from trainer.data import GlobalBatches
+
+    kib = _pairs_512(path, pairs)
+    cols = ["pair_id", "prompt", "winner_image", "loser_image", "winner_latent", "loser_latent"]
+    inline = GlobalBatches(path, cols, 8, workers=1, prefetch=1)
+    start = time.perf_counter()
+    n = sum(1 for _ in inline.epoch(0))
+    decode_s = (time.perf_counter() - start) / n
+    waits = []
+    batches = GlobalBatches(path, cols, 8).epoch(0)
+    while True:
+        start = time.perf_counter()
+        if next(batches, None) is None:
+            break
+        waits.append(time.perf_counter() - start)
+        time.sleep(step_s)
+    return {"png_kib": kib, "decode_s_per_batch": decode_s, f"wait_s_per_batch_at_{step_s}s_steps": statistics.median(waits[1:]),
+            "first_batch_s": waits[0]}
