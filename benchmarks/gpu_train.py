@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks import common  # noqa: F401  (puts tests/ on the path for the tiny models and plug-in reward)
+
 
 MODELS = ("sd15", "sd3-medium")
 # SD3-medium at 16 samples of 512 px keeps about 42 GB of activations (trainer/memory.py): checkpointed in both runs
@@ -46,10 +46,10 @@ def build_pipeline(model: str, tiny: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from benchmarks import architectures as arch
-    from pipeline.offline_tokenizers import clip_tokenizer, t5_tokenizer
+    from world.tokenizers import clip_tokenizer, t5_tokenizer
 
     if tiny:
-        from tiny_models import build_sd, build_sd3
+        from tests.tiny_models import build_sd, build_sd3
 
         return build_sd() if model == "sd15" else build_sd3()
     if model == "sd15":
@@ -91,7 +91,7 @@ def prepare(model: str, tiny: bool, root: Path, device: str) -> dict:
         "generate": {"model": str(root / "model"), "prompts": str(root / "prompts.txt"), "images_per_prompt": 4,
                      "num_inference_steps": 2, "height": px, "width": px, "batch_size": 8,
                      "torch_dtype": "float32" if tiny else "bfloat16"},
-        "score": {"rewards": [{"name": "bright", "kind": "plugin_rewards:Brightness"}]},
+        "score": {"rewards": [{"name": "bright", "kind": "tests.plugin_rewards:Brightness"}]},
         "threshold": {"reward": "bright"},
         "pair": {"reward": "bright", "strategy": "all"},
     }

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from synthetic import NOISE_SHAPE, write_kind
+from tests.synthetic import NOISE_SHAPE, write_kind
 
 from pipeline.errors import StageError
 from pipeline.shards import open_dataset

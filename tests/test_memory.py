@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_manifest
+from tests.conftest import write_manifest
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
