@@ -160,9 +160,15 @@ class DatasetStage(Stage):
         target = self.staging()
         scratch = target != self.output  # a finished dataset rebuilt beside it, then swapped in
         # a scratch copy left by an interrupted run of another configuration is only ours to replace
+        fresh = not target.exists()
         out = StageOutput(target, kind=self.kind, stage=self.name, config_hash=identity,
                           overwrite=scratch and _planned_hash(target) not in (None, identity))
-        written = self.write(out, **options)
+        try:
+            written = self.write(out, **options)
+        except BaseException:
+            if fresh and not any(target.glob("part-*.parquet")):  # failed before writing anything: leave nothing
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         out.finalize(num_shards=written.num_shards, features=written.features, stats=written.stats,
                      config=self.manifest.model_dump(mode="json", exclude_none=True), inputs=[i.path for i in self.inputs()])
         if scratch:

@@ -212,9 +212,10 @@ def write_labels(stage: Threshold, out: StageOutput) -> Written:
     tau_g = load_tau_from(cfg.tau_from, rule, cfg) if cfg.tau_from else global_tau(shards, cfg.percentile, where)
     taus = row_taus(shards, cfg, tau_g, where)
     kept = np.concatenate([s.scores[s.keep] for s in shards])
+    if len(kept) and kept.min() == kept.max():  # every row would be a positive of weight 1: no signal to train on
+        raise StageError(f"{where}: all {len(kept)} scores of {rule.describe()['weights']} equal {kept[0]:.6g}; "
+                         "a threshold cannot separate them (check the reward)")
     scale = float(kept.std()) if cfg.normalize_gap else 1.0
-    if scale <= 0:
-        raise StageError(f"{where}: the score is constant; normalize_gap has nothing to divide by")
     features = labeled_features(src.features)
     labels, weights, ties = [], [], 0
     for i, (s, tau) in enumerate(zip(shards, taus, strict=True)):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.synthetic import write_kind
+from tests.synthetic import scored_dataset, write_kind
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,16 @@ def _edited_dataset(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]
     return setup
 
 
+def _constant_scores(root: Path) -> list[str]:
+    scored_dataset(root / "out" / "scored", [{"bright": [0.5, 0.5, 0.5]}, {"bright": [0.5, 0.5, 0.5]}])
+    return ["threshold", str(_manifest(root))]
+
+
+def _resume_without_checkpoint(root: Path) -> list[str]:
+    data = write_kind(root / "labeled", "labeled")
+    return ["train", str(_manifest(root, train={"method": "tgo", "data": str(data)})), "--resume", "latest"]
+
+
 def _drop_feature(manifest: dict) -> None:
     del manifest["features"]["seed"]
 
@@ -100,6 +110,16 @@ CASES = [
          r"m\.yaml: threshold\.composite\.weights: \['aes'\] not among score\.rewards"),
     Case("eval.models names a missing dir", _validate(eval={"models": ["/no/such/model"]}),
          r"m\.yaml: eval\.models: model directories do not exist: \['/no/such/model'\]"),
+    Case("per_method key misspelled", _validate(train={"method": "tgo", "per_method": {"tgo": {"betta": 0.2}}}),
+         r"m\.yaml: train\.per_method\.tgo\.betta: unknown key"),
+    Case("per_method option of another method",
+         _validate(train={"methods": ["tgo", "dpo"], "per_method": {"dpo": {"temperature": 0.1}}}),
+         r"m\.yaml: train\.per_method\.dpo\.temperature: an option of method tgo, not of dpo"),
+    Case("top-level option of an untrained method", _validate(train={"method": "dpo", "kto_desirable_weight": 2.0}),
+         r"m\.yaml: train\.kto_desirable_weight: an option of method kto"),
+    Case("scores all equal", _constant_scores, r"scored: all 6 scores of \{'bright': 1\.0\} equal 0\.5; a threshold cannot"),
+    Case("--resume latest without a checkpoint", _resume_without_checkpoint,
+         r"checkpoints: no complete checkpoint to resume from; run without --resume"),
     Case("prompt file not UTF-8", _latin1_prompts, r"prompts\.txt: line 2: not UTF-8 text"),
     Case("manifest lists a shard twice",
          _edited_dataset(lambda m: m["shards"].__setitem__(2, dict(m["shards"][1]))),
@@ -130,3 +150,9 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys)
     assert len(err.splitlines()) == 1, err
     assert re.search(case.message, err), err
     assert _snapshot(tmp_path) == before
+
+
+def test_options_may_follow_the_overrides(tmp_path, capsys):
+    path = _manifest(tmp_path)
+    assert main(["validate", str(path), "run.seed=3", "--print"]) == 0
+    assert "seed: 3" in capsys.readouterr().out
