@@ -8,7 +8,7 @@ from conftest import PROMPTS, write_manifest
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
-from pipeline.generate import pick_device, run_generate
+from pipeline.generate import generated_on, pick_device, run_generate
 from pipeline.score import decode_images, run_score
 from pipeline.shards import open_dataset
 from rewards.bank import RewardBank, resolve_dtype
@@ -51,6 +51,7 @@ def test_scores_match_the_bank_and_samples_stay_reachable(scored_manifest, tiny_
     device = pick_device(manifest.score.device)
     dtype = scored.stats["score_dtype"]["hps"]
     assert scored.stats["score_dtype"] == {"hps": resolve_dtype("auto", device), "bright": dtype}
+    assert generated_on(scored, 1) == pick_device(manifest.generate.device)  # regenerate finds it through inputs
     bank = RewardBank(manifest.score.rewards, device, dtype=dtype)
     direct = bank.score_batches(lambda: stage_batches(samples, manifest.score.batch_size))
     rtol = 0 if device == "cpu" else 2**-8 if dtype != "fp32" else 1e-5
