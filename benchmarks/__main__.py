@@ -12,13 +12,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.gpu_data import bench_gpu_data  # noqa: E402
 from benchmarks.gpu_train import bench_gpu_train  # noqa: E402
 from benchmarks.scaleout import bench_scaleout  # noqa: E402
 from benchmarks.stages import bench_generate, bench_io, bench_pair, bench_score, bench_threshold  # noqa: E402
 from benchmarks.training import bench_train  # noqa: E402
 
 BENCHES = {"generate": bench_generate, "score": bench_score, "threshold": bench_threshold, "pair": bench_pair,
-           "io": bench_io, "train": bench_train, "scaleout": bench_scaleout, "gpu_train": bench_gpu_train}
+           "io": bench_io, "train": bench_train, "scaleout": bench_scaleout,
+           # real-size models on CUDA; skipped with the reason without it
+           "gpu_data": bench_gpu_data, "gpu_train": bench_gpu_train}
 
 
 def flatten(prefix: str, value) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from benchmarks.common import child, ratio, timed, timed_pair
 
 
@@ -66,15 +65,29 @@ def bench_generate(tmp: Path) -> dict:
             "ratio": ratio(t_stage, t_bare)}
 
 
+def decode_rates(rewards: list, batches, images: int, threads: int) -> dict:
+    """Images/s of decode + preprocessing alone (the bank's `prepare`, no forward pass) on one thread and on
+    `threads`: what the score stage's decode pool gains."""
+    from rewards.bank import RewardBank
+
+    out = {}
+    for n in sorted({1, threads}):
+        bank = RewardBank([], "cpu", one_at_a_time=True, threads=n)  # loads nothing: only its decode pool
+        t = timed(lambda b=bank: [b.prepare(ims, prompts, rewards) for ims, prompts in batches()], 2)
+        out[f"decode_preprocess_images_per_s_{n}_thread{'s' if n > 1 else ''}"] = images / t["median"]
+    return out
+
+
 def bench_score(tmp: Path) -> dict:
-    """Score worker (decode once, shared preprocessing, shard write) vs a bare loop over the same rewards."""
+    """Score worker (decode on its thread a batch ahead, shared preprocessing, shard write) vs a bare loop over
+    the same rewards; and decode + preprocessing alone on one thread and on every CPU."""
     import torch
 
     from pipeline.config import RewardSpec, load_manifest
     from pipeline.generate import run_generate
     from pipeline.score import ScoreWorker, decode_images
     from pipeline.shards import open_dataset
-    from rewards.bank import RewardBank
+    from rewards.bank import RewardBank, available_cpus
     from tests.tiny_rewards import reward_specs
 
     torch.set_num_threads(1)
@@ -107,8 +120,15 @@ def bench_score(tmp: Path) -> dict:
         per_reward[f"{name}_images_per_s"] = len(images) / t["median"]
     n = samples.num_rows
     t_stage, t_bare = timed_pair(stage, bare)
+
+    def batches():
+        for t in tables:
+            for lo in range(0, t.num_rows, 32):
+                yield decode_images(t["image"].slice(lo, 32)), t["prompt"].slice(lo, 32).to_pylist()
+
     return {"images": n, "rewards": len(specs), "bare_images_per_s": n / t_bare["median"],
-            "stage_images_per_s": n / t_stage["median"], "ratio": ratio(t_stage, t_bare), **per_reward}
+            "stage_images_per_s": n / t_stage["median"], "ratio": ratio(t_stage, t_bare), **per_reward,
+            **decode_rates(list(bank.loaded.values()), batches, n, available_cpus())}
 
 
 WRITE_SCORES = """

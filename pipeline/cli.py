@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regenerate", help="re-run one sample from its stored noise and compare with its image")
     p.add_argument("dataset", help="samples (or scored/labeled) dataset directory")
     p.add_argument("--sample-id", required=True)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="default: the device the sample was generated on (CPU if the dataset does not record it)")
     p.set_defaults(func=cmd_regenerate)
     return parser
 

@@ -155,6 +155,9 @@ class ScoreSection(Section):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # precision of the reward forward passes; "auto": bf16 on CUDA, fp32 on CPU (the resolved value is recorded
+    # in the scored dataset's manifest stats); fp32 gives exact parity with a plain fp32 forward
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _unique_names(self) -> ScoreSection:

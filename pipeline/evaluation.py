@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import GenerateSection, Manifest, RewardSpec
+from pipeline.config import GenerateSection, Manifest, RewardSpec, ScoreSection
 from pipeline.errors import StageError
 from pipeline.families import family_of
 from pipeline.generate import SampleGenerator, load_model, pick_device
@@ -96,7 +96,7 @@ def run_eval(manifest: Manifest, *, overwrite: bool = False) -> Path:
 
 def evaluate(manifest: Manifest, models: list[Model], out: Path) -> dict[str, Any]:
     """Generate and score every model from the same noise; writes the report and returns results.json's content."""
-    from rewards.bank import RewardBank
+    from rewards.bank import RewardBank, available_cpus
 
     cfg, gen = manifest.require("eval"), manifest.require("generate")
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,9 @@ def evaluate(manifest: Manifest, models: list[Model], out: Path) -> dict[str, An
     if not specs:
         raise StageError(f"{manifest.source}: eval needs rewards (score.rewards or eval.rewards)")
     device = pick_device(gen.device)
-    bank = RewardBank(specs, device)
+    # scored as the score stage scores (its batch size and dtype), decoding on every CPU of this process
+    score = manifest.score or ScoreSection(rewards=specs)
+    bank = RewardBank(specs, device, dtype=score.dtype, threads=available_cpus())
     results: dict[str, Any] = {
         "prompts": str(cfg.prompts), "n_prompts": len(prompts), "images_per_prompt": k, "seed": cfg.seed,
         "rewards": [s.name for s in specs], "training_rewards": [s.name for s in train_rewards],
@@ -124,7 +126,9 @@ def evaluate(manifest: Manifest, models: list[Model], out: Path) -> dict[str, An
         table = sampler.table(prompts)
         pngs = [v["bytes"] for v in table["image"].to_pylist()]
         images[model.name] = pngs
-        scores = bank.score_batches(lambda t=table: [(decode_images(t["image"]), t["prompt"].to_pylist())])
+        scores = bank.score_batches(lambda t=table: ((decode_images(t["image"][lo : lo + score.batch_size]),
+                                                      t["prompt"][lo : lo + score.batch_size].to_pylist())
+                                                     for lo in range(0, t.num_rows, score.batch_size)))
         entry: dict[str, Any] = {"name": model.name, "format": model.format, "path": model.path, "rewards": {}}
         for name, values in scores.items():
             grid = values.reshape(len(prompts), k).astype(np.float64)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from pipeline.families import family_of
 from pipeline.prompts import Prompt
 from pipeline.schema import noise_to_arrow, samples_features
 from pipeline.seeds import prior_noise, sample_id, sample_seed
-from pipeline.shards import ShardRecord, StageOutput, shard_name, write_shard
+from pipeline.shards import PROGRESS_DIR, ShardRecord, ShardWriter, StageOutput, shard_name, write_json_atomic
 from pipeline.stage import Generate, Written
 
 log = logging.getLogger("tauflow")
@@ -84,9 +86,26 @@ def load_pipeline(cfg: GenerateSection, device: str) -> Any:
 
 
 def encode_png(image: Any) -> bytes:
+    """PNG at zlib level 1 (PIL releases the GIL while it compresses: encoder threads run in parallel)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def record_runtime(out_dir: str | Path, index: int, **info: str) -> None:
+    """What a worker ran unit `index` on (its device, its score dtype), under `.progress/`. Written before the
+    shard commits, so every completed shard has one; the stage copies them into its manifest stats."""
+    write_json_atomic(Path(out_dir) / PROGRESS_DIR / f"runtime-{index:05d}.json", info)
+
+
+def recorded_runtime(out_dir: str | Path, num_shards: int, key: str) -> str | list[str | None] | None:
+    """`key` of the shards' runtime records: one value when every shard agrees, else the list by shard index
+    (a run resumed on another machine); None for shards written before runtimes were recorded."""
+    values = []
+    for i in range(num_shards):
+        path = Path(out_dir) / PROGRESS_DIR / f"runtime-{i:05d}.json"
+        values.append(json.loads(path.read_text()).get(key) if path.exists() else None)
+    return values[0] if len(set(values)) == 1 else values
 
 
 class SampleGenerator:
@@ -97,7 +116,8 @@ class SampleGenerator:
         self.pipe = pipe if pipe is not None else load_pipeline(cfg, pick_device(cfg.device))
         self.family = family_of(self.pipe, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale)
         self.features = samples_features(self.family.noise_shape, cfg.noise_dtype)
-        self.encoder = ThreadPoolExecutor(max_workers=1)  # PNG encoding overlaps the next batch
+        # PNG encoding: one thread per CPU the worker holds, overlapping the next batch's pipeline call
+        self.encoder = ThreadPoolExecutor(max_workers=max(1, int(cfg.cpus_per_worker)), thread_name_prefix="png")
 
     def images(self, prompts: list[Prompt], seeds: list[int], noise: torch.Tensor | None,
                final_latents: list | None = None) -> list[Any]:
@@ -120,17 +140,33 @@ class SampleGenerator:
         return out.images
 
     def table(self, prompts: list[Prompt]) -> pa.Table:
+        """The samples table of `prompts` (K rows per prompt, in prompt order)."""
+        return pa.concat_tables(self.tables(prompts))
+
+    def tables(self, prompts: list[Prompt]) -> Iterator[pa.Table]:
+        """`table`, as one table per pipeline batch. A batch's PNGs encode on the encoder threads while the next
+        batch generates, so a batch's table comes out once the following batch has been generated."""
         cfg, k = self.cfg, self.cfg.images_per_prompt
         rows = [(p, i) for p in prompts for i in range(k)]
         seeds = [sample_seed(self.run_seed, p.prompt_id, i) for p, i in rows]
         shape, noise_dtype = self.family.noise_shape, DTYPES[cfg.noise_dtype]
         noise = torch.stack([prior_noise(s, shape, noise_dtype) for s in seeds]) if shape else None
         step = self.family.max_batch or cfg.batch_size
-        pngs, finals = [], []
+        pending = None
         for lo in range(0, len(rows), step):
             batch_noise = noise[lo : lo + step] if noise is not None else None
+            finals: list = []
             images = self.images([p for p, _ in rows[lo : lo + step]], seeds[lo : lo + step], batch_noise, finals)
-            pngs.append(self.encoder.submit(lambda ims: [encode_png(im) for im in ims], images))
+            pngs = [self.encoder.submit(encode_png, im) for im in images]
+            if pending is not None:
+                yield self._batch_table(*pending)
+            pending = (rows[lo : lo + step], seeds[lo : lo + step], batch_noise, finals, pngs)
+        if pending is not None:
+            yield self._batch_table(*pending)
+
+    def _batch_table(self, rows: list[tuple[Prompt, int]], seeds: list[int], noise: torch.Tensor | None,
+                     finals: list, pngs: list[Future]) -> pa.Table:
+        cfg, n = self.cfg, len(rows)
         columns: dict[str, Any] = {
             "sample_id": [sample_id(self.run_seed, p.prompt_id, i) for p, i in rows],
             "prompt_id": [p.prompt_id for p, _ in rows],
@@ -138,12 +174,11 @@ class SampleGenerator:
             "negative_prompt": [p.negative_prompt or cfg.negative_prompt for p, _ in rows],
             "sample_index": [i for _, i in rows],
             "seed": seeds,
-            "image": [{"bytes": b, "path": None} for f in pngs for b in f.result()],
+            "image": [{"bytes": f.result(), "path": None} for f in pngs],
         }
         if noise is not None:
             columns["noise"] = noise_to_arrow(noise.numpy(), self.features["noise"])
-            columns["latent"] = noise_to_arrow(torch.cat(finals).to(noise_dtype).numpy(), self.features["latent"])
-        n = len(rows)
+            columns["latent"] = noise_to_arrow(torch.cat(finals).to(noise.dtype).numpy(), self.features["latent"])
         columns.update(
             model=[cfg.model] * n,
             revision=[cfg.revision] * n,
@@ -158,18 +193,35 @@ class SampleGenerator:
 
 
 class GenerateWorker(UnitWorker):
-    """Ray Data / local worker: loads the pipeline once, writes one shard per unit of prompts."""
+    """Ray Data / local worker: loads the pipeline once, writes one shard per unit of prompts.
+
+    The shard is streamed: each batch's rows are written as a row group by a background thread while the next
+    batch generates, so after the last pipeline call only that batch's PNGs and row group remain. A failed
+    write fails the unit (its result is awaited before the commit), and the shard is recorded complete only
+    by the commit, after every row group has been written."""
 
     def __init__(self, cfg: dict[str, Any], run_seed: int, out_dir: str, max_retries: int = 2):
         super().__init__(out_dir, max_retries)
         section = GenerateSection.model_validate(cfg)
-        if pick_device(section.device) == "cpu":  # more threads than cores per worker thrash on small machines
+        self.device = pick_device(section.device)
+        if self.device == "cpu":  # more threads than cores per worker thrash on small machines
             torch.set_num_threads(max(1, int(section.cpus_per_worker)))
         self.generator = SampleGenerator(section, run_seed)
 
     def process(self, unit: dict[str, Any]) -> ShardRecord:
         prompts = [Prompt(*p) for p in unit["prompts"]]
-        return write_shard(self.out_dir, unit["unit"], self.generator.table(prompts))
+        schema = self.generator.features.arrow_schema
+        # the writer closes after the thread's last write (or, on an error, is discarded after it)
+        with ShardWriter(self.out_dir, unit["unit"], schema) as writer, ThreadPoolExecutor(max_workers=1) as background:
+            writing = None
+            for table in self.generator.tables(prompts):
+                if writing is not None:
+                    writing.result()  # a failed write fails the unit here, one batch later at most
+                writing = background.submit(writer.write, table)
+            if writing is not None:
+                writing.result()
+            record_runtime(self.out_dir, unit["unit"], device=self.device)
+            return writer.commit()
 
 
 def plan_units(prompts: list[Prompt], per_unit: int) -> list[dict[str, Any]]:
@@ -198,7 +250,8 @@ def write_samples(stage: Generate, out: StageOutput, executor: str | None) -> Wr
     )
     kwargs = {"cfg": cfg.model_dump(mode="json"), "run_seed": run.seed, "out_dir": str(out.path)}
     run_units(GenerateWorker, kwargs, pending, res, desc="generate", rows_of=lambda u: len(u["prompts"]) * cfg.images_per_prompt)
-    stats = {"prompts": prompt_stats, "prompts_sha256": prompts_sha256(prompts), "images_per_prompt": cfg.images_per_prompt}
+    stats = {"prompts": prompt_stats, "prompts_sha256": prompts_sha256(prompts), "images_per_prompt": cfg.images_per_prompt,
+             "device": recorded_runtime(out.path, len(units), "device")}
     return Written(len(units), _features_from_shard(out.path), stats)
 
 
@@ -214,8 +267,27 @@ def _features_from_shard(path: Path):
     return Features.from_arrow_schema(pq.read_schema(path / shard_name(0)))
 
 
-def regenerate(dataset_dir: str | Path, sample_id_: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Re-run one row from its stored noise (or seed); returns (stored image, regenerated image) as uint8."""
+def generated_on(ds: Any, shard: int) -> str | None:
+    """The device shard `shard` of `ds` was generated on: the samples dataset's recorded device, reached through
+    a scored or labeled dataset's inputs (their shard i comes from its shard i); None when not recorded."""
+    from pipeline.shards import open_dataset
+
+    while ds.kind != "samples":
+        inputs = ds.manifest.get("inputs") or []
+        if not inputs or not (Path(inputs[0]["path"]) / "manifest.json").exists():
+            return None
+        ds = open_dataset(inputs[0]["path"])
+    device = ds.stats.get("device")
+    return device[shard] if isinstance(device, list) else device
+
+
+def regenerate(dataset_dir: str | Path, sample_id_: str, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-run one row from its stored noise (or seed); returns (stored image, regenerated image) as uint8.
+
+    It runs on the device the row was generated on (recorded by the generate stage; CPU for datasets from
+    before that was recorded) unless `device` says otherwise: kernels differ across devices by a uint8 level
+    or so, while the same device reproduces the image exactly. A recorded device this machine lacks is an error
+    that says how to override it."""
     from pipeline.readers import decode_png
     from pipeline.shards import open_dataset
 
@@ -223,16 +295,23 @@ def regenerate(dataset_dir: str | Path, sample_id_: str, device: str = "cpu") ->
     generate_cfg = ds.manifest["config"].get("generate")
     if generate_cfg is None:
         raise StageError(f"{ds.path}: its manifest has no generate config to regenerate from")
-    cfg = GenerateSection.model_validate({**generate_cfg, "device": device})
-    row = None
-    for i in range(len(ds.shard_paths)):
-        table = ds.read_shard(i)
+    row, shard = None, -1
+    for shard in range(len(ds.shard_paths)):
+        table = ds.read_shard(shard)
         hit = table.filter(pa.compute.equal(table["sample_id"], sample_id_))
         if hit.num_rows:
             row = hit
             break
     if row is None:
         raise StageError(f"{dataset_dir}: no sample with sample_id {sample_id_}")
+    recorded = generated_on(ds, shard)
+    device = pick_device(device or recorded or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        origin = f"sample {sample_id_} was generated on {recorded}" if recorded == device else f"device {device} requested"
+        raise StageError(f"{ds.path}: {origin}, but CUDA is not available here; pass --device cpu to regenerate on "
+                         "the CPU (expect about one uint8 level of difference)")
+    log.info("regenerate: %s on %s (generated on %s)", sample_id_, device, recorded or "an unrecorded device")
+    cfg = GenerateSection.model_validate({**generate_cfg, "device": device})
     gen = SampleGenerator(cfg, run_seed=0)
     prompt = Prompt(row["prompt_id"][0].as_py(), row["prompt"][0].as_py(), row["negative_prompt"][0].as_py())
     seed = row["seed"][0].as_py()

@@ -21,7 +21,7 @@ import torch
 from pipeline.config import Manifest, RewardSpec
 from pipeline.errors import StageError
 from pipeline.executor import Resources, UnitWorker, run_units
-from pipeline.generate import pick_device
+from pipeline.generate import pick_device, record_runtime, recorded_runtime
 from pipeline.schema import score_column, scored_features
 from pipeline.shards import ShardRecord, ShardWriter, StageOutput, open_dataset, shard_name
 from pipeline.stage import Score, Written
@@ -30,23 +30,29 @@ log = logging.getLogger("tauflow")
 
 
 def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """PIL images opened lazily (headers only): the pixels are decoded by the reward bank's decode threads."""
     from PIL import Image
 
     return [Image.open(io.BytesIO(v["bytes"])) for v in column.to_pylist()]
 
 
 class ScoreWorker(UnitWorker):
-    """Loads the bank once; scores one input shard per unit and writes the widened shard."""
+    """Loads the bank once; scores one input shard per unit and writes the widened shard.
+
+    The bank decodes and preprocesses on `decode_threads(cpus_per_worker)` threads, a batch ahead of the
+    forward passes; on CPU the forward passes get as many torch threads."""
 
     def __init__(self, specs: list[dict], source: str, out_dir: str, batch_size: int, device: str,
-                 one_at_a_time: bool, cpus_per_worker: float, max_retries: int = 2):
+                 one_at_a_time: bool, cpus_per_worker: float, max_retries: int = 2, dtype: str = "auto"):
         super().__init__(out_dir, max_retries)
-        from rewards.bank import RewardBank
+        from rewards.bank import RewardBank, decode_threads
 
         device = pick_device(device)
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-        self.bank = RewardBank([RewardSpec.model_validate(s) for s in specs], device, one_at_a_time)
+        self.bank = RewardBank([RewardSpec.model_validate(s) for s in specs], device, one_at_a_time, dtype,
+                               decode_threads(cpus_per_worker))
+        self.device = device
         self.source = open_dataset(source)
         self.features = scored_features(self.source.features, [s["name"] for s in specs])
         self.batch_size = batch_size
@@ -83,6 +89,7 @@ class ScoreWorker(UnitWorker):
             for name, ids in bad_ids.items():
                 if ids:  # the shard's temp file is discarded: NaN/inf is never written
                     raise StageError(f"reward {name} gave NaN/inf for {len(ids)} samples of {shard}: {ids[:5]}")
+            record_runtime(self.out_dir, index, device=self.device, dtype=self.bank.dtype)
             return writer.commit()
 
 
@@ -115,7 +122,7 @@ def write_scores(stage: Score, out: StageOutput, executor: str | None) -> Writte
                     cfg.gpus_per_worker, cfg.max_retries)
     kwargs = {"specs": [s.model_dump(mode="json") for s in new], "source": str(source.path), "out_dir": str(out.path),
               "batch_size": cfg.batch_size, "device": cfg.device, "one_at_a_time": cfg.one_at_a_time,
-              "cpus_per_worker": cfg.cpus_per_worker}
+              "cpus_per_worker": cfg.cpus_per_worker, "dtype": cfg.dtype}
     run_units(ScoreWorker, kwargs, pending, res, desc="score", rows_of=lambda u: u["rows"])
     features = scored_features(source.features, [s.name for s in new])
     columns = [c for c in features if c.startswith("score_")]
@@ -123,5 +130,7 @@ def write_scores(stage: Score, out: StageOutput, executor: str | None) -> Writte
     stats = {
         "rewards": {c.removeprefix("score_"): reward_stats(table[c].to_numpy()) for c in columns},
         "reward_specs": {**have, **stage.specs},
+        "score_dtype": {**(source.stats.get("score_dtype", {}) if have else {}),
+                        **dict.fromkeys([s.name for s in new], recorded_runtime(out.path, num, "dtype"))},
     }
     return Written(num, features, stats)

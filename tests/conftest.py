@@ -18,6 +18,16 @@ from tests.tiny_models import save_tiny  # noqa: E402
 PROMPTS = ["a red cat", "a blue dog", "the photo of a digit", "a handwritten seven", "an orange fox"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is present; elsewhere they are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: CUDA is not available on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family) -> directory of a saved tiny pipeline (built once per session)."""

@@ -14,7 +14,7 @@ import torch
 from pipeline.cli import main
 from pipeline.config import load_manifest
 from pipeline.errors import DatasetError, StageError
-from pipeline.generate import regenerate, run_generate
+from pipeline.generate import GenerateWorker, pick_device, plan_units, regenerate, run_generate
 from pipeline.prompts import load_prompts, prompt_id_of
 from pipeline.schema import noise_from_arrow
 from pipeline.seeds import prior_noise, sample_id, sample_seed
@@ -22,6 +22,13 @@ from pipeline.shards import open_dataset
 from tests.conftest import PROMPTS
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "amused"]
+
+
+def regenerate_tolerance(device: str) -> int:
+    """uint8 levels a regenerated image may differ by on its generating device. The stage ran a batch of 4,
+    `regenerate` runs one row: on CPU the tiny models reproduce exactly at either batch size; cuBLAS/cuDNN pick
+    kernels by shape, so on CUDA a pixel that lands on a rounding boundary may move one level."""
+    return 0 if device == "cpu" else 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,8 +58,10 @@ def test_generate_family_round_trip(generate_manifest, family):
             out = pipe(prompt=[rows[0]["prompt"]], num_inference_steps=2, guidance_scale=2.0, height=16, width=16,
                        latents=torch.from_numpy(stored[:1].astype(np.float32)), output_type="latent").images
             assert np.allclose(out.numpy()[0], final[0], atol=2e-3)  # float16 storage
+    assert ds.stats["device"] == pick_device(manifest.generate.device)  # regenerate runs there by default
     stored_img, fresh = regenerate(path, rows[3]["sample_id"])
-    assert stored_img.shape == (16, 16, 3) and np.abs(stored_img.astype(int) - fresh.astype(int)).max() == 0
+    diff = np.abs(stored_img.astype(int) - fresh.astype(int)).max()
+    assert stored_img.shape == (16, 16, 3) and diff <= regenerate_tolerance(ds.stats["device"])
 
 
 def test_seed_rule_and_noise_do_not_depend_on_batch_size(generate_manifest, tmp_path):
@@ -145,7 +154,8 @@ def test_cli_generate_inspect_regenerate(generate_manifest, capsys):
     assert "kind: samples" in text and "rows: 5" in text and "checksums: verified" in text
     sid = open_dataset(out_dir).read(["sample_id"])["sample_id"][0].as_py()
     assert main(["regenerate", str(out_dir), "--sample-id", sid]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_diff"] == 0
+    diff = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_diff"]
+    assert diff <= regenerate_tolerance(open_dataset(out_dir).stats["device"])
     assert main(["validate", str(manifest), "generate.height=0"]) == 2
     assert "generate.height: Input should be greater than 0" in capsys.readouterr().err
 
@@ -160,3 +170,47 @@ def test_a_model_rebuilt_in_place_is_not_silently_reused(generate_manifest, tiny
     save_tiny("sd3", model, seed=1)  # retrained in place, same path
     with pytest.raises(DatasetError, match="started with a different configuration"):
         run_generate(load_manifest(manifest.source))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_regenerate_on_a_recorded_device_this_machine_lacks_is_a_clear_error(generate_manifest, capsys):
+    path = run_generate(load_manifest(generate_manifest("sd3", device="cpu")))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["stats"]["device"] == "cpu"
+    sid = open_dataset(path).read(["sample_id"])["sample_id"][0].as_py()
+    manifest["stats"]["device"] = "cuda"  # as if generated on a GPU machine
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match=f"sample {sid} was generated on cuda, but CUDA is not available here; pass --device cpu"):
+        regenerate(path, sid)
+    assert main(["regenerate", str(path), "--sample-id", sid]) == 2
+    assert "pass --device cpu" in capsys.readouterr().err
+    stored, fresh = regenerate(path, sid, device="cpu")  # the override
+    assert np.array_equal(stored, fresh)
+
+
+def test_streamed_shard_holds_the_table_and_a_failed_write_fails_the_unit(generate_manifest, tmp_path, monkeypatch):
+    from pipeline.prompts import Prompt
+    from pipeline.shards import PROGRESS_DIR, ShardWriter
+
+    cfg = load_manifest(generate_manifest("sd", batch_size=2)).generate
+    out = tmp_path / "shards"
+    (out / PROGRESS_DIR).mkdir(parents=True)
+    worker = GenerateWorker(cfg.model_dump(mode="json"), 0, str(out))
+    unit = plan_units(load_prompts(cfg.prompts)[0], 3)[0]  # 3 prompts x 2 images: 3 batches, 3 row groups
+    write = ShardWriter.write
+
+    def fail_second(self, table):
+        if self.rows:
+            raise OSError("disk full")
+        write(self, table)
+
+    monkeypatch.setattr(ShardWriter, "write", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        worker.process(unit)
+    assert not list(out.glob("*part-00000*")) and not (out / PROGRESS_DIR / "part-00000.parquet.json").exists()
+    monkeypatch.setattr(ShardWriter, "write", write)
+    record = worker.process(unit)
+    shard = pq.ParquetFile(out / record.file)
+    assert record.rows == 6 and shard.metadata.num_row_groups == 3
+    whole = worker.generator.table([Prompt(*p) for p in unit["prompts"]])
+    assert shard.read().equals(whole)

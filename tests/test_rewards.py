@@ -166,3 +166,63 @@ def test_hps_matches_open_clip_reference_path(tiny_rewards):
         ref = (out[0] * out[1]).sum(-1).numpy()
     ours = RewardBank([RewardSpec(name="h", **spec)]).score_batches(lambda: [(ims, prompts)])["h"]
     assert np.allclose(ours, ref, atol=1e-4)
+
+
+def png_batches(n: int, seed: int, size: int) -> list[tuple[list[Image.Image], list[str]]]:
+    """Lazily opened PNGs (as the score stage reads them), so the decode itself runs on the bank's threads."""
+    import io
+
+    def opened(im: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+    ims, prompts = [opened(im) for im in images(n, seed)], (PROMPTS * n)[:n]
+    return [(ims[lo : lo + size], prompts[lo : lo + size]) for lo in range(0, n, size)]
+
+
+def test_decode_threads_and_prefetch_leave_scores_bit_identical(tiny_rewards):
+    specs = [RewardSpec(name=k, **tiny_rewards[k]) for k in KINDS] + [RewardSpec(name="bright", kind="tests.plugin_rewards:Brightness")]
+    one = RewardBank(specs).score_batches(lambda: png_batches(10, 3, 4))
+    threaded = RewardBank(specs, threads=3).score_batches(lambda: png_batches(10, 3, 4))
+    one_at_a_time = RewardBank(specs, one_at_a_time=True, threads=2).score_batches(lambda: png_batches(10, 3, 4))
+    for name in one:
+        assert one[name].shape == (10,)
+        assert np.array_equal(one[name], threaded[name]), name
+        assert np.array_equal(one[name], one_at_a_time[name]), name
+
+
+# How far a reduced-precision or other-device score may move from the fp32 CPU score, as a fraction of the
+# largest |score| of the batch. bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through a tiny
+# random-weight CLIP/BLIP stack the deviation measured on CPU reached 1.8% (HPS), so the bound is 5%. fp32 on
+# CUDA differs from CPU by summation order, and by TF32 in cuDNN convolutions (torch's default, 10-bit
+# mantissa, relative step 1e-3): bound 0.5%.
+BF16_BOUND = 0.05
+CUDA_FP32_BOUND = 5e-3
+
+
+def test_dtype_auto_is_fp32_on_cpu_and_bf16_stays_within_its_bound(tiny_rewards):
+    from rewards.bank import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype("auto", "cuda") == "bf16"
+    spec = [RewardSpec(name="hps", **tiny_rewards["hps"])]
+    auto = RewardBank(spec)
+    assert auto.dtype == "fp32"
+    ref = auto.score_batches(lambda: png_batches(8, 4, 8))["hps"]
+    bf16 = RewardBank(spec, dtype="bf16").score_batches(lambda: png_batches(8, 4, 8))["hps"]
+    deviation = np.abs(bf16 - ref).max()
+    assert 0 < deviation <= BF16_BOUND * np.abs(ref).max()  # bf16 autocast did run, within its bound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_scores_at_fp32_and_bf16_stay_within_their_bounds(tiny_rewards, kind):
+    spec = [RewardSpec(name=kind, **tiny_rewards[kind])]
+    ref = RewardBank(spec, "cpu", dtype="fp32").score_batches(lambda: png_batches(16, 6, 8))[kind]
+    fp32 = RewardBank(spec, "cuda", dtype="fp32", threads=4).score_batches(lambda: png_batches(16, 6, 8))[kind]
+    auto = RewardBank(spec, "cuda", threads=4)
+    assert auto.dtype == "bf16"
+    bf16 = auto.score_batches(lambda: png_batches(16, 6, 8))[kind]
+    scale = np.abs(ref).max()
+    assert np.abs(fp32 - ref).max() <= CUDA_FP32_BOUND * scale
+    assert np.abs(bf16 - ref).max() <= BF16_BOUND * scale

@@ -7,10 +7,10 @@ import pytest
 
 from pipeline.config import load_manifest
 from pipeline.errors import StageError
-from pipeline.generate import run_generate
+from pipeline.generate import generated_on, pick_device, run_generate
 from pipeline.score import decode_images, run_score
 from pipeline.shards import open_dataset
-from rewards.bank import RewardBank
+from rewards.bank import RewardBank, resolve_dtype
 from tests.conftest import PROMPTS, write_manifest
 
 
@@ -29,6 +29,15 @@ def scored_manifest(tmp_path, generate_manifest, tiny_rewards):
     return make
 
 
+def stage_batches(ds, batch_size: int):
+    """The batches the score stage scores: each shard cut into `batch_size` rows."""
+    for i in range(len(ds.shard_paths)):
+        shard = ds.read_shard(i, ["image", "prompt"])
+        for lo in range(0, shard.num_rows, batch_size):
+            part = shard.slice(lo, batch_size)
+            yield decode_images(part["image"]), part["prompt"].to_pylist()
+
+
 def test_scores_match_the_bank_and_samples_stay_reachable(scored_manifest, tiny_rewards, tmp_path):
     rewards = {"hps": tiny_rewards["hps"], "bright": {"kind": "tests.plugin_rewards:Brightness"}}
     manifest = load_manifest(scored_manifest(rewards))
@@ -37,10 +46,17 @@ def test_scores_match_the_bank_and_samples_stay_reachable(scored_manifest, tiny_
     table = scored.read()
     assert scored.num_rows == samples.num_rows == len(PROMPTS) * 2
     assert table.select(samples.features.keys()).equals(samples.read())  # images, noise, ids: all there
-    bank = RewardBank(manifest.score.rewards)
-    direct = bank.score_batches(lambda: [(decode_images(table["image"]), table["prompt"].to_pylist())])
+    # the bank on the stage's device, at the dtype the dataset records, over the stage's batches: bitwise equal
+    # on CPU; on CUDA one GPU is run-to-run deterministic bar kernel selection, allowed one bf16 step (2^-8)
+    device = pick_device(manifest.score.device)
+    dtype = scored.stats["score_dtype"]["hps"]
+    assert scored.stats["score_dtype"] == {"hps": resolve_dtype("auto", device), "bright": dtype}
+    assert generated_on(scored, 1) == pick_device(manifest.generate.device)  # regenerate finds it through inputs
+    bank = RewardBank(manifest.score.rewards, device, dtype=dtype)
+    direct = bank.score_batches(lambda: stage_batches(samples, manifest.score.batch_size))
+    rtol = 0 if device == "cpu" else 2**-8 if dtype != "fp32" else 1e-5
     for name in rewards:
-        assert np.allclose(table[f"score_{name}"].to_numpy(), direct[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(table[f"score_{name}"].to_numpy(), direct[name], rtol=rtol, atol=rtol * 1e-2)
         assert scored.stats["rewards"][name]["mean"] == pytest.approx(float(direct[name].mean()), rel=1e-5)
     assert set(scored.stats["rewards"][name]) >= {"mean", "std", "p5", "p50", "p95"}
 
