@@ -40,7 +40,12 @@ def _set(data: dict, dotted: str, value) -> dict:
     return data
 
 
-_DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id (xdist compares ids across workers)
+        return "<delete>"
+
+
+_DELETE = _Delete()
 
 BAD = [
     ("run.bogus", 1, "run.bogus: unknown key"),
