@@ -5,9 +5,9 @@ Every run lives in its own directory with a cwd-relative output_dir, so two runs
 can be compared whole. What must be equal: every file's bytes (shards, weights, checkpoints, progress records),
 except the records that hold a time: manifest.json (created_at) and log.jsonl (samples_per_s). Those are equal
 field by field without the time, and so is a checkpoint's random_states_0.pkl without the states of Python's and
-NumPy's generators, which no run seeds or draws from (they differ between two uninterrupted runs too). Where a rerun regenerated an upstream dataset, the downstream records also name
-that dataset's manifest.json by its sha256, which holds its time; those hashes and the identity derived from them
-(config_hash) are then left out too.
+NumPy's generators, which no run seeds or draws from (they differ between two uninterrupted runs too). Where a
+rerun regenerated an upstream dataset, the downstream records also name that dataset's manifest.json by its
+sha256, which holds its time; those hashes and the identity derived from them (config_hash) are then left out too.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = "a red cat\na blue dog\nthe photo of a digit\na handwritten seven\nan orange fox\n"
 REPO = Path(__file__).resolve().parents[1]
 TIMED = {"manifest.json", "log.jsonl"}  # records holding a time: compared field by field without it
-RNG = "random_states_0.pkl"  # a checkpoint's generator states: Python's and NumPy's are unseeded, and never drawn from
-TRAIN = {"method": "tgo", "batch_size": 4, "learning_rate": 1e-3, "max_steps": 3, "checkpoint_every": 1, "checkpoint_limit": 2}
+RNG = "random_states_0.pkl"  # a checkpoint's generator states (see the docstring)
+TRAIN = {"method": "tgo", "batch_size": 4, "learning_rate": 1e-3, "max_steps": 3, "checkpoint_every": 1,
+         "checkpoint_limit": 2}
 IDENTITY = {"done.json", "plan.json"}  # records naming the stage's identity: compared without it after an upstream rerun
 
 
@@ -94,9 +95,11 @@ def tree(root: Path) -> dict[str, str]:
 def _record(path: Path, upstream_rerun: bool) -> object:
     if path.name == RNG:
         state = torch.load(path, weights_only=False)
-        return {k: v.tolist() if torch.is_tensor(v) else v for k, v in state.items() if k not in ("random_state", "numpy_random_seed")}
+        unseeded = ("random_state", "numpy_random_seed")
+        return {k: v.tolist() if torch.is_tensor(v) else v for k, v in state.items() if k not in unseeded}
     if path.name == "log.jsonl":
-        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in path.read_text().splitlines()]
+        lines = path.read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in lines]
     record = json.loads(path.read_text())
     record.pop("created_at", None)
     if upstream_rerun:
@@ -107,9 +110,9 @@ def _record(path: Path, upstream_rerun: bool) -> object:
 
 
 def assert_same(got: Path, want: Path, *, upstream_rerun: bool = False) -> None:
-    """The same files under both; byte-identical, but for TIMED records, which are equal field by field."""
+    """The same files under both, byte-identical but for the records compared field by field (see the docstring)."""
     a, b = tree(got), tree(want)
-    assert sorted(a) == sorted(b), f"files differ: only in {got}: {sorted(set(a) - set(b))}, only in {want}: {sorted(set(b) - set(a))}"
+    assert sorted(a) == sorted(b), f"only in {got}: {sorted(set(a) - set(b))}; only in {want}: {sorted(set(b) - set(a))}"
     differing = [p for p in a if a[p] != b[p]]
     records = TIMED | {RNG} | (IDENTITY if upstream_rerun else set())
     assert all(Path(p).name in records for p in differing), f"bytes differ: {differing}"
