@@ -19,6 +19,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import StageError
+from pipeline.faults import crash_point
 from pipeline.shards import PROGRESS_DIR, ShardRecord
 
 log = logging.getLogger("tauflow")
@@ -32,18 +33,6 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_retries: int = 2
-
-
-def _crash_for_tests(unit: int) -> None:
-    """Fault injection for the recovery tests: TAUFLOW_TEST_CRASH=<marker>:<unit> kills the worker process
-    when it starts that unit, once (the marker file records it), or every time when <marker> is empty."""
-    spec = os.environ.get("TAUFLOW_TEST_CRASH")
-    if spec:
-        marker, _, which = spec.rpartition(":")
-        if int(which) == unit and not (marker and os.path.exists(marker)):
-            if marker:
-                open(marker, "w").close()
-            os._exit(17)
 
 
 class UnitWorker:
@@ -69,7 +58,7 @@ class UnitWorker:
     def run_unit(self, unit: dict[str, Any]) -> ShardRecord:
         if self._count_start(unit["unit"]) > self.max_retries + 1:
             raise StageError(f"unit {unit['unit']}: its worker died {self.max_retries + 1} times; giving up")
-        _crash_for_tests(unit["unit"])
+        crash_point(f"unit-start:{unit['unit']}")
         for attempt in range(self.max_retries + 1):
             try:
                 return self.process(unit)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from pipeline.errors import DatasetError
+from pipeline.faults import crash_point
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -106,6 +107,7 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table, row_group_size=row_group_rows(table))
         self.rows += table.num_rows
+        crash_point(f"shard-writing:{self.final.name}")
 
     def commit(self) -> ShardRecord:
         self._writer.close()
@@ -113,6 +115,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         record = ShardRecord(self.final.name, self.rows, self.tmp.stat().st_size, sha256_file(self.tmp))
         os.replace(self.tmp, self.final)
+        crash_point(f"shard-renamed:{self.final.name}")
         progress = self.dataset_dir / PROGRESS_DIR
         progress.mkdir(exist_ok=True)
         write_json_atomic(progress / f"{self.final.name}.json", asdict(record))
@@ -248,6 +251,7 @@ def replace_dataset(target: Path) -> None:
     the names are fixed and `finish_replace` completes or undoes a swap that a crash cut in half."""
     new, old = _swap_names(target)
     os.replace(target, old)
+    crash_point(f"dataset-swapping:{target.name}")
     os.replace(new, target)
     shutil.rmtree(old)
 

@@ -30,6 +30,7 @@ from datasets import Features
 
 from pipeline.config import Manifest, files_fingerprint
 from pipeline.errors import DatasetError, StageError
+from pipeline.faults import crash_point
 from pipeline.lock import OutputLock
 from pipeline.shards import (MANIFEST_NAME, PROGRESS_DIR, StageOutput, finish_replace, open_dataset, replace_dataset,
                              sha256_file, write_json_atomic)
@@ -102,6 +103,7 @@ class Stage:
             identity = self.begin(overwrite=overwrite)
             if identity is not None:
                 self.run(identity, **options)
+        crash_point(f"stage-done:{self.name}")
         return self.output
 
     def begin(self, *, overwrite: bool = False, extend: bool = False) -> str | None:

@@ -35,7 +35,8 @@ def clean_hashes(generate_manifest, tmp_path):
 
 def test_ray_worker_killed_mid_run_ends_with_the_clean_dataset(ray_local, generate_manifest, clean_hashes, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("TAUFLOW_TEST_CRASH", f"{marker}:1")
+    monkeypatch.setenv("TAUFLOW_CRASH_AT", "unit-start:1")
+    monkeypatch.setenv("TAUFLOW_CRASH_ONCE", str(marker))
     manifest = load_manifest(generate_manifest("sd3", run={"executor": "ray"}, num_workers=2))
     path = run_generate(manifest)
     assert marker.exists()  # the worker really died on unit 1 and the unit was retried
@@ -67,7 +68,7 @@ def test_driver_killed_then_rerun_ends_with_the_clean_dataset(ray_local, generat
 def test_unit_whose_worker_keeps_dying_fails_the_job_and_keeps_finished_shards(
     ray_local, generate_manifest, monkeypatch
 ):
-    monkeypatch.setenv("TAUFLOW_TEST_CRASH", ":1")
+    monkeypatch.setenv("TAUFLOW_CRASH_AT", "unit-start:1")
     manifest = load_manifest(generate_manifest("sd3", run={"executor": "ray"}, max_retries=1))
     with pytest.raises(StageError, match="unit 1: its worker died 2 times; giving up"):
         run_generate(manifest)

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.config import Manifest, TrainSection
 from pipeline.errors import StageError
+from pipeline.faults import crash_point
 from pipeline.families import Family, family_of
 from pipeline.shards import Dataset, open_dataset, write_json_atomic
 from pipeline.stage import Train
@@ -289,6 +290,7 @@ def save_checkpoint(accelerator, directory: Path, step: int, micro: int, limit: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(partial / "trainer_state.json", {"step": step, "micro": micro})
+        crash_point(f"checkpoint-saving:{step}")
         if final.exists():  # the same step saved by an earlier run: moved aside, then replaced
             stale = directory / f".{final.name}.stale"
             shutil.rmtree(stale, ignore_errors=True)
