@@ -42,9 +42,16 @@ class UnitWorker:
     keeps dying (which Ray restarts and retries) also stops after `max_retries` retries.
     """
 
-    def __init__(self, out_dir: str, max_retries: int = 2):
+    def __init__(self, out_dir: str, max_retries: int = 2, threads: float | None = None):
+        """`threads`: torch's thread count for a process the executor owns (a Ray actor, given its CPUs). The local
+        executor passes none: it runs in the caller's process, whose later stages must not inherit a changed count
+        (training after a local generate would differ from training alone at rounding level)."""
         self.out_dir = Path(out_dir)
         self.max_retries = max_retries
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(max(1, int(threads)))
 
     def _count_start(self, unit: int) -> int:
         counter = self.out_dir / PROGRESS_DIR / f"attempts-{unit}"
@@ -114,7 +121,7 @@ def _ray_records(
     ds = ray.data.from_items([{"payload": json.dumps(u)} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
         factory,
-        fn_constructor_kwargs=kwargs,
+        fn_constructor_kwargs={**kwargs, "threads": res.cpus_per_worker},
         batch_size=1,
         # One unit in flight per actor: a unit's start count then blames only the unit that killed its
         # worker, and units are taken in order (a queued unit is never retried for another unit's crash).

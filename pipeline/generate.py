@@ -200,12 +200,11 @@ class GenerateWorker(UnitWorker):
     write fails the unit (its result is awaited before the commit), and the shard is recorded complete only
     by the commit, after every row group has been written."""
 
-    def __init__(self, cfg: dict[str, Any], run_seed: int, out_dir: str, max_retries: int = 2):
-        super().__init__(out_dir, max_retries)
+    def __init__(self, cfg: dict[str, Any], run_seed: int, out_dir: str, max_retries: int = 2,
+                 threads: float | None = None):
+        super().__init__(out_dir, max_retries, threads)
         section = GenerateSection.model_validate(cfg)
         self.device = pick_device(section.device)
-        if self.device == "cpu":  # more threads than cores per worker thrash on small machines
-            torch.set_num_threads(max(1, int(section.cpus_per_worker)))
         self.generator = SampleGenerator(section, run_seed)
 
     def process(self, unit: dict[str, Any]) -> ShardRecord:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.config import Manifest, RewardSpec
 from pipeline.errors import StageError
@@ -40,16 +39,15 @@ class ScoreWorker(UnitWorker):
     """Loads the bank once; scores one input shard per unit and writes the widened shard.
 
     The bank decodes and preprocesses on `decode_threads(cpus_per_worker)` threads, a batch ahead of the
-    forward passes; on CPU the forward passes get as many torch threads."""
+    forward passes; in a Ray actor the forward passes get as many torch threads."""
 
     def __init__(self, specs: list[dict], source: str, out_dir: str, batch_size: int, device: str,
-                 one_at_a_time: bool, cpus_per_worker: float, max_retries: int = 2, dtype: str = "auto"):
-        super().__init__(out_dir, max_retries)
+                 one_at_a_time: bool, cpus_per_worker: float, max_retries: int = 2, dtype: str = "auto",
+                 threads: float | None = None):
+        super().__init__(out_dir, max_retries, threads)
         from rewards.bank import RewardBank, decode_threads
 
         device = pick_device(device)
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(cpus_per_worker)))
         self.bank = RewardBank([RewardSpec.model_validate(s) for s in specs], device, one_at_a_time, dtype,
                                decode_threads(cpus_per_worker))
         self.device = device
