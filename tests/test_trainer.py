@@ -49,7 +49,7 @@ def test_one_tgo_step_raises_log_pi_of_positives_and_lowers_negatives(run_dir, l
     assert keep
     only = {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in batch.items()}
     m = one_sgd_step(step, only)
-    assert (m["score_pos"] > 0) if label == 1 else (m["score_neg"] < 0)
+    assert (m["score_pos"].item() > 0) if label == 1 else (m["score_neg"].item() < 0)
 
 
 @pytest.mark.parametrize("method", ["dpo", "pnapo"])
