@@ -1,9 +1,10 @@
 """Policy and reference compute the same function at initialisation, in every precision and reference placement.
 
 Each case runs the real `train` for one step and reads the first logged loss, computed before any update, on a
-tiny SD pipeline whose every parameter (norm weights and biases included) was moved away from its init, so that
+tiny pipeline whose every parameter (norm weights and biases included) was moved away from its init, so that
 any rounding difference between the policy's and the reference's forwards shows. The closed forms at init:
-ln 2 (DPO, PNAPO), mean(w) ln 2 (TGO), mean(lambda) / 2 (KTO).
+ln 2 (DPO, PNAPO), mean(w) ln 2 (TGO), mean(lambda) / 2 (KTO). SD's UNet is the main case; aMUSEd's transformer
+adds ops whose dtype follows the weights' rather than autocast's (a token embedding, RMSNorm's weight product).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def run_dir(tmp_path_factory, tiny_model):
     return prepare_run(root, _perturbed(tiny_model("sd"), root / "perturbed"))
 
 
+@pytest.fixture(scope="module")
+def amused_run_dir(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("precision-run-amused")
+    return prepare_run(root, _perturbed(tiny_model("amused"), root / "perturbed"))
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """accelerate keeps one mixed precision per process (why a manifest cannot vary it per method); the cases
@@ -109,6 +116,12 @@ def _assert_reference_is_policy(run_dir, tmp_path, method, precision, placement)
 @pytest.mark.parametrize(("method", "precision", "placement"), CPU_CASES)
 def test_reference_computes_the_policy_at_init(run_dir, tmp_path, method, precision, placement):
     _assert_reference_is_policy(run_dir, tmp_path, method, precision, placement)
+
+
+@pytest.mark.parametrize(("method", "precision", "placement"), _cases(["dpo"], ["bf16"], ["full"], "cpu"))
+def test_reference_computes_the_policy_at_init_where_ops_follow_the_weights_dtype(amused_run_dir, tmp_path, method,
+                                                                                    precision, placement):
+    _assert_reference_is_policy(amused_run_dir, tmp_path, method, precision, placement)
 
 
 @pytest.mark.gpu

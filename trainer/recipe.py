@@ -69,12 +69,14 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
                          device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trained policy and its frozen reference, made to compute the same function at initialisation.
 
-    The loaded denoiser holds the frozen weights at train.frozen_dtype. Full fine-tune: it becomes the reference
-    and the policy is a copy upcast to fp32 master weights, which are exactly its values, so that under the one
-    autocast of the step both forwards see the same weights. A reference placed on the CPU keeps its weights in
-    CPU memory but computes on `device` (accelerate's offload hooks move each layer's weights in for its
-    forward), so both run the same kernels. LoRA: fp32 adapters on the frozen base; the base under the disabled
-    adapter is the reference (returned as None). Methods without a reference train the denoiser upcast in place."""
+    The loaded denoiser holds the frozen weights at train.frozen_dtype. Full fine-tune: the policy is a copy
+    upcast to fp32 master weights, which are exactly the loaded values, and the loaded denoiser becomes the
+    reference. Below fp32, or placed on the CPU, the reference keeps its weights stored at frozen_dtype where it
+    is placed and computes like the policy: accelerate's offload hooks materialise each layer's weights on
+    `device` in fp32 for that layer's forward only. So both forwards run the same ops on the same values in the
+    same dtypes, also those autocast leaves alone (embeddings, a norm's weight multiplied in the weight's dtype).
+    LoRA: fp32 adapters on the frozen base; the base under the disabled adapter is the reference (returned as
+    None). Methods without a reference train the denoiser upcast in place."""
     frozen = adapter.denoiser
     if cfg.lora is not None:
         from diffusers.training_utils import cast_training_params
@@ -88,10 +90,13 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
     setattr(adapter.pipe, adapter.denoiser_name, policy)  # the pipeline holds the trained denoiser, as it is saved
     if not method.needs_reference:
         return policy, None
-    if cfg.reference_device == "cpu":
+    if cfg.reference_device == "cpu" or cfg.frozen_torch_dtype != "float32":
         from accelerate import cpu_offload
 
-        cpu_offload(frozen, execution_device=device)
+        storage = "cpu" if cfg.reference_device == "cpu" else device
+        stored = {k: v.to(storage) for k, v in frozen.state_dict().items()}  # frozen_dtype, where it is placed
+        cpu_offload(frozen, execution_device=device, offload_buffers=True, state_dict=stored)
+        frozen.float()  # the offloaded tensors are now meta placeholders: fp32 ones make each layer load in fp32
     return policy, frozen
 
 
