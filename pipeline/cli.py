@@ -41,6 +41,11 @@ def configured(manifest: Manifest) -> list[type[Stage]]:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    if getattr(args, "dry_run", False):  # `train --dry-run`: the memory a run would need, nothing trained
+        from trainer.memory import estimate_for_manifest
+
+        print(estimate_for_manifest(_load(args)))
+        return
     print(f"{args.stage.name}: {run_stage(_load(args), args.stage, args)}")
 
 
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
         if "resume" in stage.options:
             p.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
+        if stage.name == "train":
+            p.add_argument("--dry-run", action="store_true", help="print the estimated GPU memory per method and exit")
         p.set_defaults(func=cmd_stage, stage=stage)
 
     p = sub.add_parser("run", help="all configured stages in order, skipping completed ones")

@@ -248,7 +248,8 @@ class TrainKeys(Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # the autocast of policy and reference forwards; run-wide
+    frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # VAE, text encoders, reference, LoRA base; run-wide
     lora: LoraSpec | None = None
     reference_device: Literal["same", "cpu"] = "same"
     gradient_checkpointing: bool = False
@@ -261,6 +262,18 @@ class TrainKeys(Section):
 
     _model_exists = field_validator("model")(_existing_model_ref)
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
+
+    @property
+    def frozen_torch_dtype(self) -> Literal["float32", "bfloat16", "float16"]:
+        """The dtype frozen weights are loaded in: `frozen_dtype`, or under `auto` that of `mixed_precision`."""
+        key = self.mixed_precision if self.frozen_dtype == "auto" else self.frozen_dtype
+        return {"no": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[key]
+
+
+# Keys one process can hold only one value of. accelerate fixes the mixed precision once per process (its
+# AcceleratorState refuses a second value), the methods of one train section train one after another in one
+# process, and the frozen weights follow the mixed precision: so these are set for the whole section only.
+RUN_WIDE_KEYS = ("mixed_precision", "frozen_dtype")
 
 
 # the bases listed last come first in a dumped manifest: the shared keys, then each method's options in registry order
@@ -297,6 +310,13 @@ class TrainSection(*_METHOD_OPTIONS, TrainKeys):
                                                             {"owner": OPTION_OWNERS[key], "trained": " or ".join(self.trained)}),
                                    loc=(key,), input=_plain(getattr(self, key)))
                   for key in sorted(self.model_fields_set) if self._unused(key)]
+        if self.frozen_dtype not in ("auto", "fp32", self.mixed_precision):  # low-precision weights need autocast
+            message = "{frozen} frozen weights compute only under {frozen} autocast: set mixed_precision {frozen}, or frozen_dtype auto or fp32"
+            errors.append(InitErrorDetails(type=PydanticCustomError("frozen_dtype", message, {"frozen": self.frozen_dtype}),
+                                           loc=("frozen_dtype",), input=self.frozen_dtype))
+        errors += [InitErrorDetails(type=PydanticCustomError("run_wide", "a run-wide key: set it for the whole train section"),
+                                    loc=("per_method", name, key), input=overrides[key])
+                   for name, overrides in self.per_method.items() for key in RUN_WIDE_KEYS if key in overrides]
         for name in self.per_method:  # each job validated here, so that `tauflow validate` finds what `train` would
             try:
                 self._job(name)

@@ -91,6 +91,16 @@ def _resume_without_checkpoint(root: Path) -> list[str]:
     return ["train", str(_manifest(root, train={"method": "tgo", "data": str(data)})), "--resume", "latest"]
 
 
+def _latents_of_another_size(root: Path) -> list[str]:
+    """Recorded 8x8 latents (tests.synthetic) into a tiny SD3 model generating at 32 px (16x16 latents)."""
+    from tests.tiny_models import save_tiny
+
+    data = write_kind(root / "labeled", "labeled")
+    path = _manifest(root, generate={"model": str(save_tiny("sd3", root / "model")), "height": 32, "width": 32},
+                     train={"method": "tgo", "data": str(data)})
+    return ["train", str(path)]
+
+
 def _drop_feature(manifest: dict) -> None:
     del manifest["features"]["seed"]
 
@@ -120,6 +130,9 @@ CASES = [
     Case("scores all equal", _constant_scores, r"scored: all 6 scores of \{'bright': 1\.0\} equal 0\.5; a threshold cannot"),
     Case("--resume latest without a checkpoint", _resume_without_checkpoint,
          r"checkpoints: no complete checkpoint to resume from; run without --resume"),
+    Case("training latents of another size", _latents_of_another_size,
+         r"labeled: recorded latents of shape \(4, 8, 8\), but the model takes \(4, 16, 16\) at generate\.height x "
+         r"width = 32x32"),
     Case("prompt file not UTF-8", _latin1_prompts, r"prompts\.txt: line 2: not UTF-8 text"),
     Case("manifest lists a shard twice",
          _edited_dataset(lambda m: m["shards"].__setitem__(2, dict(m["shards"][1]))),
@@ -142,6 +155,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys):
     argv = case.setup(tmp_path)
+    capsys.readouterr()  # what building the input printed
     before = _snapshot(tmp_path)
     code = main(argv)
     err = capsys.readouterr().err.strip()

@@ -179,3 +179,28 @@ def test_each_job_has_its_own_options_and_its_resolved_manifest_loads_again(tmp_
     assert "temperature" not in jobs["sft"].model_dump() and "dynamic_beta" not in jobs["tgo"].model_dump()
     for manifest in [m, *(m.model_copy(update={"train": j}) for j in jobs.values())]:
         assert parse_manifest(yaml.safe_load(dump_manifest(manifest))).model_dump() == manifest.model_dump()
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"method": "dpo", "frozen_dtype": "bf16"},
+     "train.frozen_dtype: bf16 frozen weights compute only under bf16 autocast: set mixed_precision bf16, or frozen_dtype auto or fp32"),
+    ({"method": "dpo", "mixed_precision": "fp16", "frozen_dtype": "bf16"}, "train.frozen_dtype: bf16 frozen weights compute only"),
+    ({"methods": ["dpo", "tgo"], "per_method": {"dpo": {"mixed_precision": "no"}}},
+     "train.per_method.dpo.mixed_precision: a run-wide key: set it for the whole train section"),
+    ({"methods": ["dpo", "tgo"], "per_method": {"tgo": {"frozen_dtype": "fp32"}}},
+     "train.per_method.tgo.frozen_dtype: a run-wide key: set it for the whole train section"),
+])
+def test_precision_keys_are_checked_up_front(tmp_path, base, train, message):
+    path = _write(tmp_path, {**base, "train": train})
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert f"{path}: {message}" in str(err.value)
+
+
+@pytest.mark.parametrize(("train", "dtype"), [({}, "float32"), ({"mixed_precision": "bf16"}, "bfloat16"),
+                                              ({"mixed_precision": "fp16"}, "float16"),
+                                              ({"mixed_precision": "bf16", "frozen_dtype": "fp32"}, "float32"),
+                                              ({"mixed_precision": "fp16", "frozen_dtype": "fp16"}, "float16")])
+def test_frozen_dtype_auto_follows_mixed_precision(tmp_path, base, train, dtype):
+    m = load_manifest(_write(tmp_path, {**base, "train": {"method": "dpo", **train}}))
+    assert m.train.frozen_torch_dtype == dtype and all(j.frozen_torch_dtype == dtype for j in m.train.jobs())

@@ -76,3 +76,26 @@ def test_manifest_estimate_and_bad_model(tmp_path: Path, tiny_model, prompts_fil
     assert "### dpo" in text and "### tgo" in text and "LoRA r2" in text and "**total**" in text
     with pytest.raises(StageError, match="model_index.json"):
         read_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize(("train", "frozen"), [({}, "float32"), ({"mixed_precision": "bf16"}, "bfloat16"),
+                                               ({"mixed_precision": "bf16", "frozen_dtype": "fp32"}, "float32")])
+def test_manifest_estimate_counts_frozen_weights_as_the_trainer_loads_them(tmp_path: Path, tiny_model, prompts_file,
+                                                                            train: dict, frozen: str) -> None:
+    data = {"run": {"name": "m", "output_dir": str(tmp_path / "out")},
+            "generate": {"model": str(tiny_model("sd")), "prompts": str(prompts_file), "height": 16, "width": 16},
+            "train": {"method": "dpo", **train}}
+    text = estimate_for_manifest(load_manifest(write_manifest(tmp_path / "m.yaml", data)))
+    assert f"frozen weights {frozen}" in text and f"| vae ({frozen}) |" in text and f"| reference copy ({frozen}) |" in text
+
+
+def test_train_dry_run_prints_the_estimate_and_trains_nothing(tmp_path: Path, tiny_model, prompts_file, capsys) -> None:
+    from pipeline.cli import main
+
+    data = {"run": {"name": "m", "output_dir": str(tmp_path / "out")},
+            "generate": {"model": str(tiny_model("sd")), "prompts": str(prompts_file), "height": 16, "width": 16},
+            "train": {"method": "tgo", "mixed_precision": "bf16"}}
+    assert main(["train", str(write_manifest(tmp_path / "m.yaml", data)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "### tgo" in out and "frozen weights bfloat16" in out and "**total**" in out
+    assert not (tmp_path / "out").exists()

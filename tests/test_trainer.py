@@ -20,7 +20,7 @@ from pipeline.shards import open_dataset
 from tests.conftest import write_manifest
 from tests.train_harness import make_step, one_sgd_step, prepare_run
 from trainer.methods import METHODS
-from trainer.recipe import train
+from trainer.recipe import as_floats, train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_one_tgo_step_raises_log_pi_of_positives_and_lowers_negatives(run_dir, l
     assert keep
     only = {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in batch.items()}
     m = one_sgd_step(step, only)
-    assert (m["score_pos"] > 0) if label == 1 else (m["score_neg"] < 0)
+    assert (m["score_pos"].item() > 0) if label == 1 else (m["score_neg"].item() < 0)
 
 
 @pytest.mark.parametrize("method", ["dpo", "pnapo"])
@@ -70,6 +70,17 @@ def test_pnapo_uses_recorded_noise_and_dpo_does_not(run_dir):
     with torch.no_grad():
         assert pnapo(batch, 0, 0.5)[0].item() != pytest.approx(pnapo(changed, 0, 0.5)[0].item(), rel=1e-6)
         assert dpo(batch, 0, 0.5)[0].item() == dpo(changed, 0, 0.5)[0].item()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_metrics_stay_on_the_device_until_a_logged_step_reads_them(run_dir, method):
+    step, batch = make_step(run_dir(method=method))
+    _, metrics = step(batch, 0, 0.0)
+    assert not any(isinstance(v, float) for k, v in metrics.items() if k != "beta_t")  # nothing read yet
+    floats = as_floats(metrics)
+    assert list(floats) == list(metrics) and all(type(v) is float for v in floats.values())
+    read_one_by_one = {k: v if isinstance(v, float) else v.item() for k, v in metrics.items()}
+    assert json.dumps(floats) == json.dumps(read_one_by_one)  # the same floats (nan included) as `.item()` gives
 
 
 def _losses(out) -> list[float]:

@@ -267,8 +267,8 @@ def render(estimate: Estimate) -> str:
 
 def estimate_for_manifest(manifest) -> str:
     """The table for each method of the manifest's train section, for one process (`tauflow train --dry-run`).
-    The model must be a local pipeline directory. Frozen weights are counted at float32, the dtype the trainer
-    loads them in."""
+    The model must be a local pipeline directory. Frozen weights are counted at train.frozen_dtype (resolved),
+    the dtype the trainer loads them in."""
     cfg = manifest.require("train")
     gen = manifest.generate
     model = cfg.model or (gen.model if gen else None)
@@ -284,7 +284,7 @@ def estimate_for_manifest(manifest) -> str:
             batch_size=job.batch_size * (2 if pairs else 1), height=height, width=width,
             lora_rank=job.lora.rank if job.lora else None,
             lora_targets=tuple(job.lora.target_modules) if job.lora else Settings.lora_targets,
-            frozen_dtype="float32", mixed_precision=job.mixed_precision,
+            frozen_dtype=job.frozen_torch_dtype, mixed_precision=job.mixed_precision,
             optimizer="adamw8bit" if job.use_8bit_adam else "adamw", gradient_checkpointing=job.gradient_checkpointing,
             reference=job.method != "sft" and job.reference_device == "same",
         )

@@ -1,14 +1,16 @@
 """The training recipe: one explicit loop for TGO, PNAPO, Diffusion-DPO, Diffusion-KTO and SFT.
 
-Read top to bottom: load the generator -> pick its family adapter -> freeze a reference (a frozen copy, or the
-base weights under a disabled LoRA adapter) -> stream batches -> per step, draw the step's randomness from
-(seed, step) for the *global* batch, compute policy and reference errors on the same noisy inputs, apply the
+Read top to bottom: load the generator with its frozen weights at train.frozen_dtype -> pick its family adapter
+-> set up policy and reference (the loaded denoiser and an fp32 copy of it, or the base weights under a
+disabled LoRA adapter) -> stream batches -> per step, draw the step's randomness from (seed, step) for the
+*global* batch, compute policy and reference errors on the same noisy inputs under the same autocast, apply the
 method's loss -> log, checkpoint, save. Randomness and data depend only on (seed, step), so `--resume latest`
 continues exactly and W processes match one process on the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -29,6 +31,7 @@ from pipeline.shards import Dataset, open_dataset, write_json_atomic
 from pipeline.stage import Train
 from trainer.data import GlobalBatches
 from trainer.methods import METHODS, Method
+from trainer.methods.base import MaskedMean, Metrics
 
 log = logging.getLogger("tauflow")
 DATA_STAGES = {"labeled": "threshold", "pairs": "pair"}  # the stage that writes each kind of training data
@@ -42,6 +45,19 @@ def training_data(manifest: Manifest, method: Method) -> tuple[Path, Dataset]:
     return path, dataset
 
 
+def check_latent_shape(manifest: Manifest, data_path: Path, dataset: Dataset, method: Method, family: Family) -> None:
+    """Recorded latents must have the shape the model takes at the run's resolution: another run's latents (say
+    16x16 into a model generating 8x8) would otherwise train without a word and teach it the wrong size."""
+    feature = dataset.features.get(method.samples[0].latent)
+    gen = manifest.generate
+    if feature is None or gen is None or family.noise_shape is None:
+        return
+    if tuple(feature.shape) != tuple(family.noise_shape):
+        raise StageError(f"{data_path}: recorded latents of shape {tuple(feature.shape)}, but the model takes "
+                         f"{tuple(family.noise_shape)} at generate.height x width = {gen.height}x{gen.width}; "
+                         "train on data generated at the model's resolution")
+
+
 def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Family]:
     from pipeline.generate import load_model
 
@@ -50,7 +66,8 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
     ref = cfg.model or (gen.model if gen else None)
     if ref is None:
         raise StageError(f"{manifest.source}: train.model is not set and there is no generate.model to start from")
-    pipe = load_model(ref, local_files_only=gen.local_files_only if gen else False, device=str(device))
+    pipe = load_model(ref, torch_dtype=cfg.frozen_torch_dtype, local_files_only=gen.local_files_only if gen else False,
+                      device=str(device))
     text_kwargs = {}
     if gen and "max_sequence_length" in gen.pipeline_kwargs:
         text_kwargs["max_sequence_length"] = gen.pipeline_kwargs["max_sequence_length"]
@@ -60,6 +77,49 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
     return pipe, family
+
+
+def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
+                         device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trained policy and its frozen reference, made to compute the same function at initialisation.
+
+    The loaded denoiser holds the frozen weights at train.frozen_dtype. Full fine-tune: the policy is a copy
+    upcast to fp32 master weights, which are exactly the loaded values, and the loaded denoiser becomes the
+    reference. Below fp32, or placed on the CPU, the reference keeps its weights stored at frozen_dtype where it
+    is placed and computes like the policy: accelerate's offload hooks materialise each layer's weights on
+    `device` in fp32 for that layer's forward only. So both forwards run the same ops on the same values in the
+    same dtypes, also those autocast leaves alone (embeddings, a norm's weight multiplied in the weight's dtype).
+    LoRA: fp32 adapters on the frozen base; the base under the disabled adapter is the reference (returned as
+    None). Methods without a reference train the denoiser upcast in place."""
+    frozen = adapter.denoiser
+    if cfg.lora is not None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        frozen.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                                      init_lora_weights=True))
+        cast_training_params(frozen, dtype=torch.float32)
+        return frozen, None
+    policy = (copy.deepcopy(frozen) if method.needs_reference else frozen).float().requires_grad_(True)
+    setattr(adapter.pipe, adapter.denoiser_name, policy)  # the pipeline holds the trained denoiser, as it is saved
+    if not method.needs_reference:
+        return policy, None
+    if cfg.reference_device == "cpu" or cfg.frozen_torch_dtype != "float32":
+        from accelerate import cpu_offload
+
+        storage = "cpu" if cfg.reference_device == "cpu" else device
+        stored = {k: v.to(storage) for k, v in frozen.state_dict().items()}  # frozen_dtype, where it is placed
+        cpu_offload(frozen, execution_device=device, offload_buffers=True, state_dict=stored)
+        frozen.float()  # the offloaded tensors are now meta placeholders: fp32 ones make each layer load in fp32
+    return policy, frozen
+
+
+def autocast(cfg: TrainSection, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's autocast, entered around the policy's and the reference's forwards alike. accelerate's own
+    wraps only the prepared policy, and leaves fp16 on a CPU out."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
 
 
 class Latents:
@@ -72,13 +132,18 @@ class Latents:
     def __call__(self, pixels: torch.Tensor, ids: list[str], recorded: torch.Tensor | None = None) -> torch.Tensor:
         """`recorded`: the sampler's own final latents, exact where re-encoding the image is not."""
         if recorded is not None:
-            return recorded.to(self.adapter.pipe.device)
+            return recorded.to(self.adapter.pipe.device, non_blocking=True)
         if not self.enabled:
-            return self.adapter.encode_images(pixels)
+            return self._encode(pixels)
         for i, k in enumerate(ids):
             if k not in self.cache:
-                self.cache[k] = self.adapter.encode_images(pixels[i : i + 1])[0]
+                self.cache[k] = self._encode(pixels[i : i + 1])[0]
         return torch.stack([self.cache[k] for k in ids])
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents in fp32 like recorded ones, whatever the VAE's dtype (token ids stay integers)."""
+        z = self.adapter.encode_images(pixels)
+        return z.float() if z.is_floating_point() else z
 
 
 class Step:
@@ -104,7 +169,7 @@ class Step:
         return eps[sl].to(acc.device), t[sl]
 
     def _recorded_noise(self, batch: dict[str, Any], x0: torch.Tensor) -> torch.Tensor:
-        eps = torch.cat([batch[s.noise] for s in self.method.samples]).to(x0.device, x0.dtype)
+        eps = torch.cat([batch[s.noise].to(x0.device, x0.dtype, non_blocking=True) for s in self.method.samples])
         if eps.shape != x0.shape:
             raise StageError(f"recorded noise of shape {tuple(eps.shape[1:])} does not match latents {tuple(x0.shape[1:])}")
         return eps
@@ -118,11 +183,9 @@ class Step:
                     return self.adapter.errors(model, x0, cond, eps, t)
                 finally:
                     model.enable_adapters()
-            device = next(self.reference.parameters()).device
-            moved = {k: v.to(device) for k, v in cond.items()}
-            return self.adapter.errors(self.reference, x0.to(device), moved, eps.to(device), t).to(x0.device)
+            return self.adapter.errors(self.reference, x0, cond, eps, t)
 
-    def __call__(self, batch: dict[str, Any], step: int, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: dict[str, Any], step: int, progress: float) -> tuple[torch.Tensor, Metrics]:
         method, adapter, samples = self.method, self.adapter, self.method.samples
         # latents and conditioning of every sample of the rows; pairs are laid out [winners; losers]
         x0 = torch.cat([self.latents(batch.get(s.image), batch[s.id], batch.get(s.latent)) for s in samples])
@@ -131,12 +194,21 @@ class Step:
         fresh, t = self._randomness(step, len(batch["prompt"]), tuple(x0.shape[1:]))
         eps = self._recorded_noise(batch, x0) if method.needs_recorded_noise else torch.cat([fresh] * len(samples))
         t = torch.cat([t] * len(samples))
-        # policy and reference errors on the same noisy inputs, then the method's loss
-        e = adapter.errors(self.policy, x0, cond, eps, t)
-        e_ref = self._reference_errors(x0, cond, eps, t) if method.needs_reference else e.detach()
+        # policy and reference errors on the same noisy inputs under the same autocast, then the method's loss
+        with autocast(self.cfg, self.accelerator.device):
+            e = adapter.errors(self.policy, x0, cond, eps, t)
+            e_ref = self._reference_errors(x0, cond, eps, t) if method.needs_reference else e.detach()
         loss, metrics = method.loss(e, e_ref, batch, replace(self.ctx, progress=progress))
-        metrics.update(policy_error=e.mean().item(), reference_error=e_ref.mean().item())
+        metrics.update(policy_error=e.detach().mean(), reference_error=e_ref.mean())
         return loss, metrics
+
+
+def as_floats(metrics: Metrics) -> dict[str, float]:
+    """A step's metrics as floats, read on logged steps only: every tensor in one device-to-host copy, masked
+    means evaluated (fp32 -> fp64 is exact, so the floats are those `.item()` gives)."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    values = dict(zip(tensors, torch.stack([v.double() for v in tensors.values()]).tolist())) if tensors else {}
+    return {k: values[k] if k in values else v.item() if isinstance(v, MaskedMean) else v for k, v in metrics.items()}
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -189,22 +261,12 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
-    if tensorboard:
-        accelerator.init_trackers("tensorboard")  # events under <out>/tensorboard/
     torch.manual_seed(cfg.seed)
     pipe, adapter = load_generator(manifest, accelerator.device)
-    policy = adapter.denoiser
-    reference = None  # LoRA: the base weights under the disabled adapter; none at all where the method needs none
-    if cfg.lora is not None:
-        from peft import LoraConfig
-
-        policy.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                                      init_lora_weights=True))
-    else:
-        if method.needs_reference:
-            ref_device = "cpu" if cfg.reference_device == "cpu" else accelerator.device
-            reference = copy.deepcopy(policy).to(ref_device).requires_grad_(False).eval()
-        policy.requires_grad_(True)
+    check_latent_shape(manifest, data_path, dataset, method, adapter)
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")  # events under <out>/tensorboard/
+    policy, reference = policy_and_reference(cfg, adapter, method, accelerator.device)
     if cfg.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(policy)
     policy.train()
@@ -256,7 +318,7 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
         if step % cfg.log_every == 0 or step == cfg.max_steps:  # same steps on every rank: reduce is collective
             now = time.perf_counter()
             record = {
-                "step": step, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), **metrics,
+                "step": step, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), **as_floats(metrics),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr_scheduler.get_last_lr()[0],
                 "samples_per_s": (step - logged) * cfg.batch_size * cfg.gradient_accumulation_steps / max(now - tick, 1e-9),
                 "epoch": epoch,

@@ -45,6 +45,23 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class MaskedMean:
+    """mean(values[mask]), nan where the mask selects nothing, read only when a step is logged: selecting by a
+    mask makes the host wait for the device, so it is not done every step."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    def item(self) -> float:
+        return self.values[self.mask].mean().item() if self.mask.any() else float("nan")
+
+
+# A loss's metrics: detached scalar tensors, masked means or plain floats, turned into floats on logged steps only
+# (reading a tensor's value every step would make the host wait for the device every step).
+Metrics = dict[str, torch.Tensor | MaskedMean | float]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LossContext:
     """What a loss reads besides the errors and the batch."""
@@ -92,7 +109,7 @@ class Method:
         return LossContext(beta=cfg.beta or self.default_beta(family), options=options)
 
     def loss(self, e: torch.Tensor, e_ref: torch.Tensor, batch: dict[str, Any],
-             ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+             ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         """(loss, metrics) from the policy's and the reference's per-sample denoising errors on the same noisy
         inputs, e and e_ref: (N,), with N = B samples or 2B (pairs: [winners; losers])."""
         raise NotImplementedError

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from trainer.methods.base import LossContext, Method, Options
+from trainer.methods.base import LossContext, MaskedMean, Method, Metrics, Options
 
 
 class KTOOptions(Options):
@@ -30,7 +30,7 @@ class KTO(Method):
     options = KTOOptions
 
     def loss(self, e: torch.Tensor, e_ref: torch.Tensor, batch: dict[str, Any],
-             ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+             ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         """e, e_ref: (B,); batch["label"]: (B,)."""
         labels, beta = batch["label"].to(e.device), ctx.beta
         g = e_ref - e
@@ -42,10 +42,10 @@ class KTO(Method):
         loss = (lam * (1 - h)).mean()
         with torch.no_grad():
             metrics = {
-                "implicit_acc": (sign * (g - z) > 0).float().mean().item(),
-                "score_pos": (beta * g[desirable]).mean().item() if desirable.any() else float("nan"),
-                "score_neg": (beta * g[~desirable]).mean().item() if (~desirable).any() else float("nan"),
-                "kto_z": z.item(),
+                "implicit_acc": (sign * (g - z) > 0).float().mean(),
+                "score_pos": MaskedMean(beta * g, desirable),
+                "score_neg": MaskedMean(beta * g, ~desirable),
+                "kto_z": z,
                 "beta_t": beta,
             }
         return loss, metrics

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.functional import logsigmoid
 
 from pipeline.errors import StageError
-from trainer.methods.base import LossContext, Method, Options
+from trainer.methods.base import LossContext, Method, Metrics, Options
 from trainer.methods.dpo import pair_metrics
 
 if TYPE_CHECKING:
@@ -100,11 +100,11 @@ class PNAPO(Method):
         return PNAPOContext(beta=base.beta, options=base.options, dynamic=dynamic)
 
     def loss(self, e: torch.Tensor, e_ref: torch.Tensor, batch: dict[str, Any],
-             ctx: PNAPOContext) -> tuple[torch.Tensor, dict[str, float]]:
+             ctx: PNAPOContext) -> tuple[torch.Tensor, Metrics]:
         """e, e_ref: (2B,) laid out [winners; losers]; batch["gap"]: (B,) reward gaps."""
         half = len(e) // 2
         e_w, e_l, e_w_ref, e_l_ref = e[:half], e[half:], e_ref[:half], e_ref[half:]
         beta_t = ctx.dynamic(batch["gap"].to(e.device), ctx.progress)
         inside = -beta_t * ((e_w - e_l) - (e_w_ref - e_l_ref))
         loss = -logsigmoid(inside).mean()
-        return loss, {**pair_metrics(inside, e_w, e_l, e_w_ref, e_l_ref), "beta_t": beta_t.float().mean().item()}
+        return loss, {**pair_metrics(inside, e_w, e_l, e_w_ref, e_l_ref), "beta_t": beta_t.float().mean()}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from trainer.methods.base import LossContext, Method
+from trainer.methods.base import LossContext, Method, Metrics
 
 
 class SFT(Method):
@@ -21,8 +21,8 @@ class SFT(Method):
     needs_reference = False
 
     def loss(self, e: torch.Tensor, e_ref: torch.Tensor, batch: dict[str, Any],
-             ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+             ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         """e: (B,); batch["label"]: (B,). beta plays no part; it is logged as beta_t like every method's."""
         pos = (batch["label"].to(e.device) > 0.5).to(e.dtype)
         loss = (pos * e).sum() / pos.sum().clamp(min=1)
-        return loss, {"positives": pos.sum().item(), "beta_t": ctx.beta}
+        return loss, {"positives": pos.sum(), "beta_t": ctx.beta}

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch.nn.functional import logsigmoid
 
-from trainer.methods.base import LossContext, Method, Options
+from trainer.methods.base import LossContext, MaskedMean, Method, Metrics, Options
 
 
 class TGOOptions(Options):
@@ -33,7 +33,7 @@ class TGO(Method):
         return 1.0
 
     def loss(self, e: torch.Tensor, e_ref: torch.Tensor, batch: dict[str, Any],
-             ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+             ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         """e, e_ref: (B,); batch["label"], batch["weight"]: (B,)."""
         labels, weights = batch["label"].to(e.device), batch["weight"].to(e.device)
         s_hat = ctx.beta * (e_ref - e) / ctx.options.temperature
@@ -42,9 +42,9 @@ class TGO(Method):
         with torch.no_grad():
             pos, neg = labels > 0.5, labels <= 0.5
             metrics = {
-                "implicit_acc": ((s_hat > 0) == pos).float().mean().item(),
-                "score_pos": s_hat[pos].mean().item() if pos.any() else float("nan"),
-                "score_neg": s_hat[neg].mean().item() if neg.any() else float("nan"),
+                "implicit_acc": ((s_hat > 0) == pos).float().mean(),
+                "score_pos": MaskedMean(s_hat.detach(), pos),
+                "score_neg": MaskedMean(s_hat.detach(), neg),
                 "beta_t": ctx.beta,
             }
         return loss, metrics
