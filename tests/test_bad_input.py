@@ -170,3 +170,17 @@ def test_options_may_follow_the_overrides(tmp_path, capsys):
     path = _manifest(tmp_path)
     assert main(["validate", str(path), "run.seed=3", "--print"]) == 0
     assert "seed: 3" in capsys.readouterr().out
+
+
+def test_a_start_that_failed_does_not_block_the_corrected_rerun(tmp_path, capsys):
+    """A bad model path fails before any shard is written; the corrected manifest then runs, not 'started with a
+    different configuration'."""
+    from tests.tiny_models import save_tiny
+
+    small = {"images_per_prompt": 2, "num_inference_steps": 2, "height": 16, "width": 16}
+    path = _manifest(tmp_path, generate=small)  # its model dir is empty: loading fails
+    assert main(["generate", str(path)]) == 2
+    assert "cannot load the pipeline" in capsys.readouterr().err
+    fixed = _manifest(tmp_path, generate={**small, "model": str(save_tiny("sd3", tmp_path / "tiny"))})
+    assert main(["generate", str(fixed)]) == 0
+    assert (tmp_path / "out" / "samples" / "manifest.json").exists()
