@@ -3,8 +3,8 @@
 Each case runs the real `train` for one step and reads the first logged loss, computed before any update, on a
 tiny pipeline whose every parameter (norm weights and biases included) was moved away from its init, so that
 any rounding difference between the policy's and the reference's forwards shows. The closed forms at init:
-ln 2 (DPO, PNAPO), mean(w) ln 2 (TGO), mean(lambda) / 2 (KTO). SD's UNet is the main case; aMUSEd's transformer
-adds ops whose dtype follows the weights' rather than autocast's (a token embedding, RMSNorm's weight product).
+ln 2 (DPO, PNAPO), mean(w) ln 2 (TGO), mean(lambda) / 2 (KTO). SD's UNet is the main case; aMUSEd, FLUX and SD3
+add ops whose dtype follows the weights' rather than autocast's (a token embedding, RMSNorm's weight product).
 """
 
 from __future__ import annotations
@@ -69,9 +69,17 @@ def run_dir(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def amused_run_dir(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("precision-run-amused")
-    return prepare_run(root, _perturbed(tiny_model("amused"), root / "perturbed"))
+def family_runs(tmp_path_factory, tiny_model):
+    """family -> a perturbed tiny run of that family (built on first use)."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"precision-run-{family}")
+            made[family] = prepare_run(root, _perturbed(tiny_model(family), root / "perturbed"))
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(autouse=True)
@@ -118,10 +126,9 @@ def test_reference_computes_the_policy_at_init(run_dir, tmp_path, method, precis
     _assert_reference_is_policy(run_dir, tmp_path, method, precision, placement)
 
 
-@pytest.mark.parametrize(("method", "precision", "placement"), _cases(["dpo"], ["bf16"], ["full"], "cpu"))
-def test_reference_computes_the_policy_at_init_where_ops_follow_the_weights_dtype(amused_run_dir, tmp_path, method,
-                                                                                    precision, placement):
-    _assert_reference_is_policy(amused_run_dir, tmp_path, method, precision, placement)
+@pytest.mark.parametrize("family", ["amused", "flux", "sd3"])  # token embeddings, RMSNorms, modulation tables
+def test_reference_computes_the_policy_at_init_in_every_family(family_runs, tmp_path, family):
+    _assert_reference_is_policy(family_runs(family), tmp_path, "dpo", "bf16", "full")
 
 
 @pytest.mark.gpu

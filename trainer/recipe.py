@@ -85,12 +85,14 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
 
     The loaded denoiser holds the frozen weights at train.frozen_dtype. Full fine-tune: the policy is a copy
     upcast to fp32 master weights, which are exactly the loaded values, and the loaded denoiser becomes the
-    reference. Below fp32, or placed on the CPU, the reference keeps its weights stored at frozen_dtype where it
-    is placed and computes like the policy: accelerate's offload hooks materialise each layer's weights on
-    `device` in fp32 for that layer's forward only. So both forwards run the same ops on the same values in the
-    same dtypes, also those autocast leaves alone (embeddings, a norm's weight multiplied in the weight's dtype).
-    LoRA: fp32 adapters on the frozen base; the base under the disabled adapter is the reference (returned as
-    None). Methods without a reference train the denoiser upcast in place."""
+    reference. Below fp32 its Linear and Conv weights stay at frozen_dtype: autocast runs those layers in its
+    own dtype whatever their weights' dtype, on the same values for both. Every other weight (norms, embeddings,
+    tables multiplied in their own dtype) is upcast, since those ops follow the weight's dtype; it is a small
+    share of the parameters. Placed on the CPU, the reference is stored there and computes on `device`:
+    accelerate's offload hooks materialise each layer's weights there in fp32 for that layer's forward only.
+    So both forwards run the same ops on the same values in the same dtypes. LoRA: fp32 adapters on the frozen
+    base; the base under the disabled adapter is the reference (returned as None). Methods without a reference
+    train the denoiser upcast in place."""
     frozen = adapter.denoiser
     if cfg.lora is not None:
         from diffusers.training_utils import cast_training_params
@@ -104,14 +106,29 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
     setattr(adapter.pipe, adapter.denoiser_name, policy)  # the pipeline holds the trained denoiser, as it is saved
     if not method.needs_reference:
         return policy, None
-    if cfg.reference_device == "cpu" or cfg.frozen_torch_dtype != "float32":
+    if cfg.reference_device == "cpu":
         from accelerate import cpu_offload
 
-        storage = "cpu" if cfg.reference_device == "cpu" else device
-        stored = {k: v.to(storage) for k, v in frozen.state_dict().items()}  # frozen_dtype, where it is placed
+        stored = {k: v.to("cpu") for k, v in frozen.state_dict().items()}  # frozen_dtype, on the CPU
         cpu_offload(frozen, execution_device=device, offload_buffers=True, state_dict=stored)
         frozen.float()  # the offloaded tensors are now meta placeholders: fp32 ones make each layer load in fp32
+    else:
+        for module in frozen.modules():
+            if not isinstance(module, AUTOCAST_LAYERS):
+                _upcast_own(module)
     return policy, frozen
+
+
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # run in autocast's dtype
+
+
+def _upcast_own(module: torch.nn.Module) -> None:
+    """fp32 for the parameters and floating buffers a module holds itself (not its children's)."""
+    for tensors in (module._parameters, module._buffers):
+        for name, tensor in tensors.items():
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensors[name] = (torch.nn.Parameter(tensor.data.float(), requires_grad=False)
+                                 if isinstance(tensor, torch.nn.Parameter) else tensor.float())
 
 
 def autocast(cfg: TrainSection, device: torch.device) -> contextlib.AbstractContextManager:
