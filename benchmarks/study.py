@@ -142,6 +142,8 @@ class Study:
         stage_named("eval")(manifest).execute()
         results = json.loads((manifest.output_dir / "eval" / "results.json").read_text())
         self.evals[f"{split}/{name}"] = results
+        deltas = ", ".join(f"{r} {v['vs_base']['delta']:+.3f}" for r, v in results["models"][1]["rewards"].items())
+        print(f"study: {split}/{name}: {deltas}, drift {results['models'][1]['drift']:.4f}", flush=True)
         return results
 
     def run(self, name: str, method: str, data: Path, split: str = "eval", **train: Any) -> dict[str, Any]:
