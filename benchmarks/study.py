@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class Study:
     world: Path
     out: Path
     scale: Scale
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> eval results.json
 
     # -- manifests -------------------------------------------------------------------------------------------
     def prompts(self) -> tuple[Path, Path, Path]:
@@ -141,7 +140,6 @@ class Study:
                              "grid_prompts": 6, "bootstrap": 1000})
         stage_named("eval")(manifest).execute()
         results = json.loads((manifest.output_dir / "eval" / "results.json").read_text())
-        self.evals[f"{split}/{name}"] = results
         deltas = ", ".join(f"{r} {v['vs_base']['delta']:+.3f}" for r, v in results["models"][1]["rewards"].items())
         print(f"study: {split}/{name}: {deltas}, drift {results['models'][1]['drift']:.4f}", flush=True)
         return results
