@@ -276,7 +276,8 @@ def run_study(world: Path, out: Path, scale: Scale) -> dict[str, Any]:
     study = Study(world, out, scale)
     t0 = time.perf_counter()
     shared = study.data()
-    res: dict[str, Any] = {"scale": scale.__dict__ | {"learning_rates": list(scale.learning_rates)}}
+    res: dict[str, Any] = {"scale": scale.__dict__ | {"learning_rates": list(scale.learning_rates)},
+                           "tune_prompts": len(study.prompts()[1].read_text().splitlines())}
     seeds = list(range(scale.seeds))
     ab_seeds = list(range(scale.ablation_seeds))
 

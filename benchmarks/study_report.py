@@ -58,7 +58,7 @@ def write_study_report(res: dict[str, Any], out: Path) -> None:
         "# tauflow method study in the digits world", "",
         f"Budget per run: {scale['steps']} steps x {scale['batch_size']}. Tuning grid: learning rates "
         f"{', '.join(f'{x:g}' for x in scale['learning_rates'])} x {scale['betas']} beta(s) per method, seed 0, judged "
-        "by the training reward's delta on 40 tuning prompts held out of training. Chosen configurations trained at "
+        f"by the training reward's delta on {res['tune_prompts']} tuning prompts held out of training. Chosen configurations trained at "
         f"{scale['seeds']} seed(s) (ablations: {scale['ablation_seeds']}), evaluated on the evaluation prompts "
         f"({scale['eval_images']} samples each). CIs: 95%, two-level bootstrap (seeds, then prompts). "
         f"Run time {res['seconds'] / 60:.1f} min.", "",
