@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 TAUFLOW := $(VENV)/bin/tauflow
 STAGES := validate generate score threshold pair train eval run
 
-.PHONY: install demo world test bench inspect regenerate $(STAGES)
+.PHONY: install demo world test bench study inspect regenerate $(STAGES)
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
+
+study: $(STAMP)   # the method study (benchmarks/study.py), minutes to an hour; e.g. ARGS="--seeds 3"
+	$(PY) -m benchmarks.study $(ARGS)
 
 $(STAGES): $(STAMP)
 	$(TAUFLOW) $@ $(MANIFEST) $(ARGS)

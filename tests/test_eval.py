@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.config import load_manifest
 from pipeline.evaluation import cluster_bootstrap, paired, run_eval
-from pipeline.report import fmt_ci
+from pipeline.report import curves_plot, fmt_ci, forest_plot, image_grid, smooth
 from tests.conftest import write_manifest
 
 
@@ -51,6 +52,58 @@ def test_report_shows_the_numbers_of_results_json(self_eval):
         mean = np.mean(results["scores"][model["name"]]["bright"])
         assert r["mean"] == pytest.approx(mean)
     assert (out / "grid.png").stat().st_size > 0 and "data:image/png;base64," in page
+
+
+def test_report_contains_the_forest_plot_and_the_named_grid(self_eval):
+    out, _ = self_eval
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in ("forest.png", "grid.png", "scores.png"):
+        assert (out / name).read_bytes()[:8] == PNG and f"]({name})" in md
+    assert page.count("data:image/png;base64,") == 3  # forest, scores, grid (no training under this run)
+    assert "rows: the first sample of the first prompts, named" in md
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = {
+    "n_prompts": 2, "images_per_prompt": 1, "rewards": ["r"], "heldout_rewards": [],
+    "models": [{"name": "base", "rewards": {"r": {"mean": 0.5, "ci": [0.4, 0.6]}}},
+               {"name": "tuned", "rewards": {"r": {"mean": 0.6, "ci": [0.5, 0.7], "vs_base": {"delta": 0.1, "delta_ci": [0.02, 0.2]}}}}],
+}
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    assert data[:8] == PNG
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_forest_plot_of_a_tiny_results_dict_is_a_png():
+    w, h = _png_size(forest_plot(TINY))
+    assert w > 100 and h > 50
+
+
+def test_image_grid_has_a_cell_per_model_and_prompt():
+    from PIL import Image
+
+    def tile(v: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (v, v, v)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    images = {"base": [tile(0), tile(60)], "tuned": [tile(120), tile(250)]}
+    one = _png_size(image_grid(TINY, images, 1, ["a cat", "a dog"]))
+    two = _png_size(image_grid(TINY, images, 2, ["a cat", "a dog"]))
+    assert two[1] > one[1]  # a row per prompt
+
+
+def test_training_curves_smooth_over_the_raw_line(tmp_path):
+    (tmp_path / "tgo").mkdir()
+    rows = [{"step": i + 1, "loss": float(i % 2), "implicit_acc": 0.5} for i in range(40)]
+    (tmp_path / "tgo" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _png_size(curves_plot(tmp_path))
+    assert smooth([0.0, 1.0] * 20, 4)[10] == pytest.approx(0.5)  # the alternation averages out
+    assert smooth([1.0, float("nan"), 3.0], 3)[1] == pytest.approx(2.0)  # NaN (no metric that step) is skipped
 
 
 def test_paired_statistics_by_hand():

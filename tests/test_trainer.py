@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.config import load_manifest
-from pipeline.errors import StageError
+from pipeline.errors import ManifestError, StageError
 from pipeline.pair import run_pair
 from pipeline.shards import open_dataset
 from tests.conftest import write_manifest
@@ -159,3 +159,27 @@ def test_two_processes_match_one(run_dir, tmp_path):
            two_manifest.source]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     assert _losses(tmp_path / "two" / "train" / "pnapo") == pytest.approx(_losses(one), rel=1e-4, abs=1e-6)
+
+
+
+def test_pnapo_fresh_noise_ignores_the_recorded_noise_and_noises_each_sample_on_its_own(run_dir):
+    """train.noise: fresh is the paper's falsification test: the same loss, each sample with its own fresh noise."""
+    fresh, batch = make_step(run_dir(method="pnapo", noise="fresh"))
+    with torch.no_grad():
+        for p in fresh.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    changed = {**batch, "winner_noise": batch["winner_noise"] + 1.0}
+    with torch.no_grad():
+        assert fresh(batch, 0, 0.5)[0].item() == fresh(changed, 0, 0.5)[0].item()
+    n = len(batch["prompt"])
+    noise, t = fresh._randomness(0, n, (2, 3, 3), per_row=2)
+    shared, t_shared = fresh._randomness(0, n, (2, 3, 3))
+    assert noise.shape == (2 * n, 2, 3, 3) and not torch.equal(noise[:n], noise[n:])  # winner and loser differ
+    assert torch.equal(t, t_shared)  # the same t draws as with shared noise
+
+
+def test_pnapo_noise_is_a_typed_option(run_dir):
+    with pytest.raises(ManifestError, match="noise"):
+        run_dir("bad-noise.yaml", method="pnapo", noise="shared")
+    with pytest.raises(ManifestError, match="noise"):
+        run_dir("foreign-noise.yaml", method="dpo", noise="fresh")

@@ -175,15 +175,16 @@ class Step:
     def _mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="mean")
 
-    def _randomness(self, step: int, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh noise and t drawn for the global batch at `step`; this process's `n` rows of them."""
+    def _randomness(self, step: int, n: int, shape: tuple[int, ...], per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh noise (`per_row` per row, laid out [first samples; second samples; ...]) and t drawn for the
+        global batch at `step`; this process's `n` rows of them."""
         acc = self.accelerator
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         g = max(self.cfg.batch_size, n * acc.num_processes)
         t = self.adapter.sample_t(g, gen, self.cfg)
-        eps = torch.randn((g, *shape), generator=gen)
+        eps = torch.randn((g, per_row, *shape), generator=gen)
         sl = slice(acc.process_index * n, (acc.process_index + 1) * n)
-        return eps[sl].to(acc.device), t[sl]
+        return eps[sl].transpose(0, 1).reshape(-1, *shape).to(acc.device), t[sl]
 
     def _recorded_noise(self, batch: dict[str, Any], x0: torch.Tensor) -> torch.Tensor:
         eps = torch.cat([batch[s.noise].to(x0.device, x0.dtype, non_blocking=True) for s in self.method.samples])
@@ -207,9 +208,11 @@ class Step:
         # latents and conditioning of every sample of the rows; pairs are laid out [winners; losers]
         x0 = torch.cat([self.latents(batch.get(s.image), batch[s.id], batch.get(s.latent)) for s in samples])
         cond = adapter.encode_prompts(batch["prompt"] * len(samples), cache=self.cfg.cache)
-        # noise and t: one t per row, shared by its samples, and fresh noise shared likewise unless recorded
-        fresh, t = self._randomness(step, len(batch["prompt"]), tuple(x0.shape[1:]))
-        eps = self._recorded_noise(batch, x0) if method.needs_recorded_noise else torch.cat([fresh] * len(samples))
+        # noise and t: one t per row, shared by its samples; the noise recorded, fresh and shared, or fresh per sample
+        noise = method.noise(self.ctx)
+        fresh, t = self._randomness(step, len(batch["prompt"]), tuple(x0.shape[1:]), len(samples) if noise == "independent" else 1)
+        eps = (self._recorded_noise(batch, x0) if noise == "recorded" else
+               fresh if noise == "independent" else torch.cat([fresh] * len(samples)))
         t = torch.cat([t] * len(samples))
         # policy and reference errors on the same noisy inputs under the same autocast, then the method's loss
         with autocast(self.cfg, self.accelerator.device):

@@ -100,6 +100,11 @@ class Method:
             cols += [s.noise] if self.needs_recorded_noise else []
         return cols
 
+    def noise(self, ctx: LossContext) -> Literal["recorded", "shared", "independent"]:
+        """Where the noisy inputs' noise comes from: each sample's recorded prior noise, fresh noise shared by
+        the samples of a row, or fresh noise of its own for each sample."""
+        return "recorded" if self.needs_recorded_noise else "shared"
+
     def check_data(self, path: Path, dataset: Dataset) -> None:
         """Refuse a dataset this method cannot train on, before any model is loaded."""
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +51,9 @@ class DynamicBetaSpec(BaseModel):
 
 class PNAPOOptions(Options):
     dynamic_beta: DynamicBetaSpec = Field(default_factory=DynamicBetaSpec)
+    # "fresh": the same loss with each sample of a pair noised by its own fresh, independent noise instead of its
+    # recorded one (the paper's falsification test; unlike DPO, whose fresh noise is shared within a pair)
+    noise: Literal["recorded", "fresh"] = "recorded"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class PNAPO(Method):
     options = PNAPOOptions
     needs_recorded_noise = True
     logit_mean = 2.0
+
+    def noise(self, ctx: PNAPOContext) -> Literal["recorded", "independent"]:
+        return "recorded" if ctx.options.noise == "recorded" else "independent"
 
     def check_data(self, path: Path, dataset: Dataset) -> None:
         if "winner_noise" not in dataset.features:
