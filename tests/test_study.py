@@ -14,6 +14,7 @@ from world.build import build_world
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.study  # not in `make test`: `pytest -m study` runs it
 @pytest.mark.timeout(3600)  # ~60 training and eval runs of tiny models: minutes alone, much longer on a shared machine
 def test_quick_study_writes_the_claims_and_the_forest_plot(tmp_path):
     world = build_world(tmp_path / "world", vae_steps=10, flow_steps=20, classifier_steps=10, n_train_prompts=10,
