@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pipeline.shards import open_dataset
 
-HIDDEN = ("image", "noise", "winner_image", "loser_image", "winner_noise", "loser_noise")
+HIDDEN = ("image", "noise", "latent", "winner_image", "loser_image", "winner_noise", "loser_noise", "winner_latent",
+          "loser_latent")
 
 
 def describe(path: Path, *, verify: bool = False, rows: int = 3) -> str:
