@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(TAUFLOW) run manifests/demo.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)  # one worker per core; a test file stays on one worker
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
