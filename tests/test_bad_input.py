@@ -184,3 +184,33 @@ def test_a_start_that_failed_does_not_block_the_corrected_rerun(tmp_path, capsys
     fixed = _manifest(tmp_path, generate={**small, "model": str(save_tiny("sd3", tmp_path / "tiny"))})
     assert main(["generate", str(fixed)]) == 0
     assert (tmp_path / "out" / "samples" / "manifest.json").exists()
+
+
+HOLDER = """
+import sys, time
+from pipeline.lock import OutputLock
+with OutputLock(sys.argv[1], "generate"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = _manifest(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "out" / "samples")], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(tmp_path)
+        assert main(["generate", str(path), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(rf"error: .*samples: another tauflow process is writing it \(generate, pid {holder.pid} on .*", err)
+        assert _snapshot(tmp_path) == before
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()

@@ -148,6 +148,18 @@ def test_generate_killed_mid_shard_reruns_to_the_clean_samples(clean, write_run,
     assert_same(out, clean / "out" / "samples")
 
 
+def test_a_finished_shard_changed_before_the_rerun_is_redone(clean, write_run, tmp_path):
+    """Resume trusts a finished shard only by its recorded sha256: a flipped byte (same size) is written again."""
+    run_dir = write_run(tmp_path / "r")
+    tauflow(run_dir, "generate", "m.yaml", crash="shard-writing:part-00002.parquet")
+    shard = run_dir / "out" / "samples" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    tauflow(run_dir, "generate", "m.yaml")
+    assert_same(run_dir / "out" / "samples", clean / "out" / "samples")
+
+
 def test_score_killed_between_a_shards_rename_and_its_record_reruns_to_the_clean_scores(clean, tmp_path):
     run_dir = copy_run(clean, tmp_path / "r", "samples")
     tauflow(run_dir, "score", "m.yaml", crash="shard-renamed:part-00001.parquet")
@@ -159,8 +171,7 @@ def test_score_killed_between_a_shards_rename_and_its_record_reruns_to_the_clean
 
 @pytest.fixture(scope="module")
 def clean_train(clean, write_run, tmp_path_factory) -> Path:
-    """An uninterrupted `tauflow train` on the clean run's data. (Not the training of a `tauflow run`: there a
-    local generate or score stage leaves torch's thread count changed for the stages after it.)"""
+    """An uninterrupted `tauflow train` on the clean run's data."""
     run_dir = write_run(copy_run(clean, tmp_path_factory.mktemp("train") / "r", "samples", "scored", "labeled"), train=TRAIN)
     tauflow(run_dir, "train", "m.yaml")
     return run_dir
