@@ -42,7 +42,9 @@ def training_data(manifest: Manifest, method: Method) -> tuple[Path, Dataset]:
 
 
 def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Family]:
-    from pipeline.generate import load_model
+    """The pipeline training starts from (train.model, else generate.model: a hub id, a pipeline dir or a
+    finished train output); a LoRA result is merged into its base, so that a new LoRA trains on top of it."""
+    from pipeline.generate import load_model, merge_lora
 
     cfg = manifest.require("train")
     gen = manifest.generate
@@ -50,6 +52,7 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
     if ref is None:
         raise StageError(f"{manifest.source}: train.model is not set and there is no generate.model to start from")
     pipe = load_model(ref, local_files_only=gen.local_files_only if gen else False, device=str(device))
+    merge_lora(pipe)
     text_kwargs = {}
     if gen and "max_sequence_length" in gen.pipeline_kwargs:
         text_kwargs["max_sequence_length"] = gen.pipeline_kwargs["max_sequence_length"]
@@ -59,6 +62,20 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
     return pipe, family
+
+
+def load_reference(manifest: Manifest, device: torch.device | str) -> torch.nn.Module | None:
+    """The frozen denoiser of train.reference where it is another model than the start one (`base` in a later
+    round: the model round 0 started from, even when the policy trains a LoRA on the merged previous round);
+    None where the start model is the reference (a frozen copy of it, or the base under a disabled LoRA)."""
+    from pipeline.generate import load_model, merge_lora
+
+    ref = Train(manifest).reference_model
+    if ref is None:
+        return None
+    gen = manifest.generate
+    pipe = merge_lora(load_model(ref, local_files_only=gen.local_files_only if gen else False, device=str(device)))
+    return family_of(pipe).denoiser.requires_grad_(False).eval()
 
 
 class Latents:
@@ -193,15 +210,17 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     torch.manual_seed(cfg.seed)
     pipe, adapter = load_generator(manifest, accelerator.device)
     policy = adapter.denoiser
-    reference = None  # LoRA: the base weights under the disabled adapter; none at all where the method needs none
+    # another model named by train.reference; else LoRA: the base weights under the disabled adapter (None), or a
+    # frozen copy of the start model; none at all where the method needs none
+    ref_device = "cpu" if cfg.reference_device == "cpu" else accelerator.device
+    reference = load_reference(manifest, ref_device) if method.needs_reference else None
     if cfg.lora is not None:
         from peft import LoraConfig
 
         policy.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                                       init_lora_weights=True))
     else:
-        if method.needs_reference:
-            ref_device = "cpu" if cfg.reference_device == "cpu" else accelerator.device
+        if method.needs_reference and reference is None:
             reference = copy.deepcopy(policy).to(ref_device).requires_grad_(False).eval()
         policy.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -271,7 +290,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     if accelerator.is_main_process:
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
         stage.seal(identity, {"method": cfg.method, "steps": step, "final": str(final),
-                              "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path)})
+                              "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path),
+                              "base": stage.start_model, "reference": stage.reference_model or stage.start_model})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
