@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 TAUFLOW := $(VENV)/bin/tauflow
 STAGES := validate generate score threshold pair train eval run
 
-.PHONY: install demo world test bench inspect regenerate $(STAGES)
+.PHONY: install demo world test bench rounds-study inspect regenerate $(STAGES)
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
+
+rounds-study: $(STAMP)   # needs the world: make world
+	$(PY) -m benchmarks.rounds_study $(ARGS)
 
 $(STAGES): $(STAMP)
 	$(TAUFLOW) $@ $(MANIFEST) $(ARGS)
