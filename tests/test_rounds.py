@@ -70,6 +70,7 @@ def uninterrupted(tmp_path_factory, tiny_model) -> tuple[Path, str]:
     return root / "out", done.stdout
 
 
+@pytest.mark.slow
 def test_two_rounds_run_each_from_the_model_before(uninterrupted):
     out, printed = uninterrupted
     stages = ("generate", "score", "threshold", "pair", "train")
@@ -97,6 +98,7 @@ def test_two_rounds_run_each_from_the_model_before(uninterrupted):
     assert first["policy_error"] == first["reference_error"]
 
 
+@pytest.mark.slow
 def test_round_one_samples_regenerate_from_round_zero_model(uninterrupted, tiny_model):
     from pipeline.config import GenerateSection
     from pipeline.generate import SampleGenerator, regenerate
@@ -120,6 +122,7 @@ def test_round_one_samples_regenerate_from_round_zero_model(uninterrupted, tiny_
     assert not np.array_equal(latents[0].to(torch.float16).numpy(), stored_latent)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_round_resumes_it_with_the_same_datasets(uninterrupted, tmp_path, tiny_model):
     out, _ = uninterrupted
     manifest(tmp_path, tiny_model("sd3"))
@@ -142,6 +145,7 @@ def test_a_run_killed_mid_round_resumes_it_with_the_same_datasets(uninterrupted,
             assert part.read_bytes() == (tmp_path / "out" / folder / part.name).read_bytes(), f"{folder}/{part.name}"
 
 
+@pytest.mark.slow
 def test_lora_rounds_keep_the_base_as_reference_and_eval_compares_every_round(tmp_path, tiny_model):
     base = str(tiny_model("sd3"))
     path = manifest(tmp_path, tiny_model("sd3"), method="dpo", reference="base", lora={"rank": 4})
