@@ -38,7 +38,7 @@ def overrides(args: Namespace, method: str, n_rounds: int, seed: int, out: Path)
         "generate.num_workers=1", "score.num_workers=1", "train.methods=null", f"train.method={method}",
         "train.per_method={}", f"train.max_steps={args.steps // n_rounds}", f"train.seed={seed}",
         f"train.checkpoint_every={args.steps}", *([f"train.beta={args.tgo_beta}"] if method == "tgo" else []),
-        f"eval.images_per_prompt={args.eval_images}", "eval.grid_prompts=0",
+        f"eval.images_per_prompt={args.eval_images}", "eval.grid_prompts=1",
     ]
 
 
@@ -49,7 +49,7 @@ def run_arm(args: Namespace, method: str, n_rounds: int, seed: int) -> dict:
     if timing_file.exists():
         return json.loads(timing_file.read_text())
     cli = Namespace(overwrite=False, executor=None, resume=None)
-    manifest = load_manifest(args.manifest, overrides(args, method, n_rounds, seed, out))
+    manifest = load_manifest(args.manifest, [*overrides(args, method, n_rounds, seed, out), "eval=null"])  # eval: below
     seconds: dict[str, float] = {}
     for round_manifest in rounds(manifest):
         for stage in configured(round_manifest):
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [n for n in args.rounds if args.prompts % n or args.steps % n]:
         parser.error(f"--prompts {args.prompts} and --steps {args.steps} must divide by every --rounds (not {bad})")
     args.out.mkdir(parents=True, exist_ok=True)
+    import pipeline.evaluation, pipeline.generate, pipeline.score, trainer.recipe  # noqa: E401, F401 - not timed in the first arm
     start = time.perf_counter()
     records = [run_arm(args, m, n, s) for s in args.seeds for m in args.methods for n in args.rounds]
     md = table(args, records)
