@@ -16,7 +16,7 @@ Rounds (run.rounds, issue #19) loop over the same stages with one manifest per r
 run itself, written where a one-round run writes; round r >= 1 writes under <output_dir>/round-<r>/, generates
 from and trains on round r-1's model (generate.model names its train/<method> output, which the data manifests
 then record as their parent), with a seed of its own (pipeline/seeds.round_seed). `threshold.tau_from: round0`
-names round 0's labeled dataset in later rounds; `train.reference: base` names the model round 0 started from.
+names round 0's labeled dataset in later rounds; `train.reference: base` keeps the run's generate.model.
 The eval stage runs once over every round's model.
 """
 
@@ -389,14 +389,13 @@ def rounds(manifest: Manifest) -> Iterator[Manifest]:
 
     Round r >= 1: output under round-<r>/, run seed `round_seed(seed, r)`, generate.model and the start of
     training = round r-1's train/<method> output (so generate.revision/variant, which name hub files, are
-    dropped), tau_from round0 -> round 0's labeled dataset, reference base -> the model round 0 started from.
+    dropped), tau_from round0 -> round 0's labeled dataset, reference base -> the run's generate.model.
     Every round's manifest has rounds: 1 and no eval section (eval compares every round, once, at the end)."""
     if manifest.run.rounds == 1:
         yield manifest
         return
     from pipeline.seeds import round_seed
 
-    first = Train(manifest).start_model
     for r in range(manifest.run.rounds):
         data = manifest.model_dump(mode="json", exclude_none=True, exclude={"eval"})
         data["run"].update(rounds=1, output_dir=str(round_dir(manifest, r)))
@@ -408,7 +407,7 @@ def rounds(manifest: Manifest) -> Iterator[Manifest]:
             if manifest.threshold is not None and manifest.threshold.tau_from == "round0":
                 data["threshold"]["tau_from"] = str(manifest.stage_dir("threshold"))
             if manifest.train.reference == "base":
-                data["train"]["reference"] = first
+                data["train"]["reference"] = manifest.generate.model
         yield parse_manifest(data, f"{manifest.source} (round {r})")
 
 

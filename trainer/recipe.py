@@ -66,7 +66,7 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
 
 def load_reference(manifest: Manifest, device: torch.device | str) -> torch.nn.Module | None:
     """The frozen denoiser of train.reference where it is another model than the start one (`base` in a later
-    round: the model round 0 started from, even when the policy trains a LoRA on the merged previous round);
+    round: the run's generate.model, even when the policy trains a LoRA on the merged previous round);
     None where the start model is the reference (a frozen copy of it, or the base under a disabled LoRA)."""
     from pipeline.generate import load_model, merge_lora
 
