@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 TAUFLOW := $(VENV)/bin/tauflow
 STAGES := validate generate score threshold pair train eval run
 
-.PHONY: install demo world test bench study inspect regenerate $(STAGES)
+.PHONY: install demo world test bench study rounds-study inspect regenerate $(STAGES)
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 study: $(STAMP)   # the method study (benchmarks/study.py), minutes to an hour; e.g. ARGS="--seeds 3"
 	$(PY) -m benchmarks.study $(ARGS)
+
+rounds-study: $(STAMP)   # needs the world: make world
+	$(PY) -m benchmarks.rounds_study $(ARGS)
 
 $(STAGES): $(STAMP)
 	$(TAUFLOW) $@ $(MANIFEST) $(ARGS)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.config import Manifest, dump_manifest, load_manifest
 from pipeline.errors import TauflowError
 from pipeline.shards import write_bytes_atomic
-from pipeline.stage import STAGES, Stage
+from pipeline.stage import STAGES, Eval, Stage, rounds
 
 
 def _save_resolved(manifest: Manifest) -> None:
@@ -50,9 +50,17 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    """Every configured stage, round after round (run.rounds); with several rounds, eval once at the end."""
+    if args.rounds is not None:
+        args.overrides.append(f"run.rounds={args.rounds}")
     manifest = _load(args)
-    for stage in configured(manifest):
-        print(f"{stage.name}: {run_stage(manifest, stage, args)}")
+    for round_manifest in rounds(manifest):
+        for stage in configured(round_manifest):
+            print(f"{stage.name}: {run_stage(round_manifest, stage, args)}")
+    if manifest.run.rounds > 1:
+        if manifest.eval is not None:
+            print(f"eval: {run_stage(manifest, Eval, args)}")
+        _save_resolved(manifest)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all configured stages in order, skipping completed ones")
     manifest_args(p)
     p.add_argument("--overwrite", action="store_true", help="redo every stage")
+    p.add_argument("--rounds", type=int, help="override run.rounds: generate -> ... -> train N times, each round from the last model")
     p.add_argument("--executor", choices=["ray", "local"], help="override run.executor")
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=cmd_run)

@@ -93,6 +93,10 @@ class RunSection(Section):
     seed: int = Field(0, ge=0)
     executor: Literal["ray", "local"] = "ray"
     ray_address: str | None = None
+    # generate -> score -> threshold/pair -> train, `rounds` times; round r >= 1 starts from round r-1's model
+    # and writes under <output_dir>/round-<r>/ (round 0 is the run itself; see pipeline/stage.py, rounds)
+    rounds: int = Field(1, ge=1)
+    prompts_per_round: int | None = Field(None, gt=0)  # prompts drawn per round with the round's seed; default: all
 
 
 class GenerateSection(Section):
@@ -185,15 +189,28 @@ class ThresholdSection(Section):
     c: float = Field(5.0, ge=0)
     normalize_gap: bool = False
     nan_policy: Literal["error", "drop"] = "error"
-    tau_from: Path | None = None
+    tau_from: Literal["round0"] | Path | None = None  # a labeled dataset (or thresholds.json) whose tau is used
 
-    _tau_from_exists = field_validator("tau_from")(lambda v: v if v is None else _existing_path(v))
+    _tau_from_exists = field_validator("tau_from")(lambda v: v if v in (None, "round0") else _existing_path(v))
+
+    @field_validator("tau_from")
+    @classmethod
+    def _round0_is_global(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "round0" and info.data.get("mode", "global") != "global":
+            raise ValueError(f"round0 fixes one global tau for every round; mode is '{info.data['mode']}'")
+        return value
 
     @model_validator(mode="after")
     def _one_score(self) -> ThresholdSection:
         if (self.reward is None) == (self.composite is None):
             raise ValueError("give exactly one of 'reward' or 'composite'")
         return self
+
+    @property
+    def tau_source(self) -> Path | None:
+        """Where tau comes from; None: this dataset. `round0` is round 0's labeled dataset: round 0 estimates it,
+        and `tauflow run` names that dataset as tau_from in the manifests of the later rounds."""
+        return None if self.tau_from == "round0" else self.tau_from
 
 
 class ExternalPairs(Section):
@@ -234,7 +251,9 @@ class TrainKeys(Section):
     method: MethodName | None = None
     methods: list[MethodName] | None = None  # several, same budget
     per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)  # e.g. {tgo: {beta: 0.2}}
-    model: str | None = None  # default: generate.model (the policy starts from, and the reference is, it)
+    model: str | None = None  # default: generate.model (the policy starts from it)
+    # the reference: the model the policy starts from (previous), generate.model (base), or another model
+    reference: Literal["previous", "base"] | str = "previous"
     data: Path | None = None  # default: the run's labeled or pairs dataset, whichever the method trains on
     beta: float | None = Field(None, gt=0)  # default: the method's for the model family (trainer/methods/)
     sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
@@ -261,6 +280,7 @@ class TrainKeys(Section):
     seed: int = Field(0, ge=0)
 
     _model_exists = field_validator("model")(_existing_model_ref)
+    _reference_exists = field_validator("reference")(lambda v: v if v in ("previous", "base") else _existing_model_ref(v))
     _data_exists = field_validator("data")(lambda v: v if v is None else _existing_path(v))
 
     @property
@@ -394,6 +414,25 @@ class Manifest(Section):
             unknown = [n for n in names if n not in scored]
             if unknown:
                 raise ValueError(f"{key}: {unknown} not among score.rewards {scored}")
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_close_the_loop(self) -> Manifest:
+        """Several rounds generate, score, label or pair, and train one model each: the next round starts from it."""
+        if self.run.rounds == 1:
+            return self
+        need = f"run.rounds: {self.run.rounds} rounds"
+        missing = [name for name in ("generate", "score", "train") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{need} need the sections {missing}")
+        if self.train.methods is not None:
+            raise ValueError(f"{need} train one model per round: give train.method, not train.methods")
+        if self.train.data is not None:
+            raise ValueError(f"{need} train on each round's own samples: train.data must not be set")
+        data = {"labeled": ("threshold", self.threshold), "pairs": ("pair", self.pair)}[METHODS[self.train.method].data]
+        if data[1] is None or getattr(data[1], "external", None) is not None:
+            raise ValueError(f"{need} make {self.train.method}'s data from each round's samples: "
+                             f"give a {data[0]} section{' without external' if data[1] else ''}")
         return self
 
     @property

@@ -22,12 +22,11 @@ import numpy as np
 
 from pipeline.config import GenerateSection, Manifest, RewardSpec, ScoreSection
 from pipeline.errors import StageError
-from pipeline.families import family_of
 from pipeline.generate import SampleGenerator, load_model, pick_device
 from pipeline.prompts import load_prompts
 from pipeline.readers import decode_png
 from pipeline.score import decode_images
-from pipeline.stage import Eval
+from pipeline.stage import DONE, Eval, round_dir
 
 log = logging.getLogger("tauflow")
 TIE = 1e-6
@@ -47,12 +46,18 @@ def discover_models(manifest: Manifest) -> list[Model]:
     if cfg.models:
         for ref in cfg.models:
             path = Path(ref)
+            if (path / DONE).exists():  # a train/<method> output: its result
+                info = json.loads((path / DONE).read_text())
+                models.append(Model(path.name, info["final"], info["format"]))
+                continue
             fmt = "lora" if (path / "pytorch_lora_weights.safetensors").exists() else "pipeline"
             models.append(Model(path.parent.name if path.name in ("lora", "pipeline") else path.name, ref, fmt))
         return models
-    for done in sorted((manifest.output_dir / "train").glob("*/done.json")):
-        info = json.loads(done.read_text())
-        models.append(Model(info["method"], info["final"], info["format"]))
+    for r in range(manifest.run.rounds):  # with several rounds, each round's model, named <method>/round-<r>
+        for done in sorted((round_dir(manifest, r) / "train").glob("*/done.json")):
+            info = json.loads(done.read_text())
+            name = info["method"] if manifest.run.rounds == 1 else f"{info['method']}/round-{r}"
+            models.append(Model(name, info["final"], info["format"]))
     if len(models) == 1:
         raise StageError(f"{manifest.source}: nothing to compare: no eval.models and no finished training under "
                          f"{manifest.output_dir / 'train'}")
@@ -60,11 +65,10 @@ def discover_models(manifest: Manifest) -> list[Model]:
 
 
 def load_for_eval(model: Model, gen: GenerateSection, device: str) -> Any:
-    ref = model.path if model.format == "pipeline" else gen.model
-    pipe = load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device)
-    if model.format not in ("base", "pipeline"):
-        family_of(pipe).load_lora(model.path)
-    return pipe
+    """The base, or a tuned model on the base it was trained from (a LoRA of a later round: on the rounds before)."""
+    ref = gen.model if model.format == "base" else model.path
+    return load_model(ref, torch_dtype=gen.torch_dtype, local_files_only=gen.local_files_only, device=device,
+                      lora_base=gen.model)
 
 
 def cluster_bootstrap(values: np.ndarray, draws: int, rng: np.random.Generator) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from pipeline.prompts import Prompt
 from pipeline.schema import noise_to_arrow, samples_features
 from pipeline.seeds import prior_noise, sample_id, sample_seed
 from pipeline.shards import PROGRESS_DIR, ShardRecord, ShardWriter, StageOutput, shard_name, write_json_atomic
-from pipeline.stage import Generate, Written
+from pipeline.stage import DONE, Generate, Written
 
 log = logging.getLogger("tauflow")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,11 +51,60 @@ def check_tokenizers(pipe: Any, ref: str) -> None:
             raise StageError(f"{ref}: {name} has only {len(tok)} tokens: its files were not found (offline?)")
 
 
+def model_parts(ref: str, lora_base: str | None = None) -> tuple[str, str | None]:
+    """What a model reference loads: (the pipeline's weights, a LoRA dir to apply on them, or None).
+
+    A finished train output is named by its train/<method> dir (its done.json says where the result is and
+    which format), or by the pipeline/ or lora/ dir inside it. A LoRA's base is the model its training started
+    from, recorded in done.json (`base`; older runs: their train_config.json); `lora_base` stands in for a
+    LoRA dir that records none (eval.models naming a LoRA trained elsewhere). Anything else loads as it is."""
+    path = Path(ref).expanduser()
+    record = next((d / DONE for d in (path, path.parent) if (d / DONE).is_file()), None)
+    if record is None:
+        is_lora = path.is_dir() and not (path / "model_index.json").exists() and any(path.glob("*.safetensors"))
+        if not is_lora:
+            return ref, None
+        if lora_base is None:
+            raise StageError(f"{ref}: a LoRA dir without a done.json beside it: its base model is unknown")
+        return lora_base, ref
+    done = json.loads(record.read_text())
+    final = Path(done["final"])
+    if record.parent == path:
+        path = final
+    elif path.resolve() != final.resolve():  # a folder inside a train output other than its result
+        raise StageError(f"{ref}: not the result of {record.parent} (its done.json names {final})")
+    if done["format"] == "pipeline":
+        return str(path), None
+    if "base" in done:
+        return done["base"], str(path)
+    trained = json.loads((record.parent / "train_config.json").read_text())  # written before `base` was recorded
+    return trained["train"].get("model") or trained["generate"]["model"], str(path)
+
+
+def merge_lora(pipe: Any) -> Any:
+    """Fold a loaded LoRA into the denoiser's weights (a model to train a new LoRA on, or to stack one on)."""
+    denoiser = family_of(pipe).denoiser
+    if getattr(denoiser, "peft_config", None):
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
+    return pipe
+
+
 def load_model(ref: str, *, revision: str | None = None, variant: str | None = None, torch_dtype: str = "float32",
-               local_files_only: bool = False, trust_remote_code: bool = False, device: str = "cpu") -> Any:
-    """`DiffusionPipeline.from_pretrained` for a hub id or local dir, with the empty-tokenizer guard."""
+               local_files_only: bool = False, trust_remote_code: bool = False, device: str = "cpu",
+               lora_base: str | None = None) -> Any:
+    """`DiffusionPipeline.from_pretrained` for a hub id or local dir, with the empty-tokenizer guard; a trained
+    LoRA (see `model_parts`) is loaded onto its base, itself merged first where it is a LoRA (rounds stack them)."""
     import diffusers
     import transformers
+
+    weights, lora = model_parts(ref, lora_base)
+    if lora is not None:
+        pipe = merge_lora(load_model(weights, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                                     local_files_only=local_files_only, trust_remote_code=trust_remote_code, device=device))
+        family_of(pipe).load_lora(lora)
+        return pipe
+    ref = weights
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

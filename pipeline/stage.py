@@ -11,6 +11,13 @@ names come from. Stage work (torch, diffusers, Ray) is imported only when a stag
 A new stage: subclass `DatasetStage` (it writes Parquet shards through `StageOutput`: implement `write`) or
 `Stage` (implement `run` and end it with `seal`), declare its name (the manifest section and the subcommand),
 help, folder, kind, record and `inputs`, and add it to `STAGES`.
+
+Rounds (run.rounds, issue #19) loop over the same stages with one manifest per round (`rounds`): round 0 is the
+run itself, written where a one-round run writes; round r >= 1 writes under <output_dir>/round-<r>/, generates
+from and trains on round r-1's model (generate.model names its train/<method> output, which the data manifests
+then record as their parent), with a seed of its own (pipeline/seeds.round_seed). `threshold.tau_from: round0`
+names round 0's labeled dataset in later rounds; `train.reference: base` keeps the run's generate.model.
+The eval stage runs once over every round's model.
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 from datasets import Features
 
-from pipeline.config import Manifest, files_fingerprint
+from pipeline.config import Manifest, files_fingerprint, parse_manifest
 from pipeline.errors import DatasetError, StageError
 from pipeline.faults import crash_point
 from pipeline.lock import OutputLock
@@ -190,7 +197,16 @@ class Generate(DatasetStage):
     def prompts(self) -> tuple[list, dict[str, Any]]:
         from pipeline.prompts import load_prompts
 
-        return load_prompts(self.cfg.prompts, self.cfg.prompt_column, self.cfg.dedupe_prompts)
+        prompts, stats = load_prompts(self.cfg.prompts, self.cfg.prompt_column, self.cfg.dedupe_prompts)
+        n, seed = self.manifest.run.prompts_per_round, self.manifest.run.seed
+        if n is None:
+            return prompts, stats
+        if n > len(prompts):
+            raise StageError(f"run.prompts_per_round: {n} is more than the {len(prompts)} prompts of {self.cfg.prompts}")
+        import numpy as np
+
+        drawn = sorted(np.random.default_rng(seed).choice(len(prompts), n, replace=False).tolist())  # file order kept
+        return [prompts[i] for i in drawn], {**stats, "drawn": n}
 
     def config_hash(self) -> str:
         from pipeline.generate import prompts_sha256
@@ -247,7 +263,9 @@ class Threshold(DatasetStage):
     help = "percentile threshold tau, labels and confidence weights for TGO (-> labeled)"
 
     def inputs(self) -> list[Input]:
-        return [Input(self.manifest.stage_dir("score"), ("scored",))]
+        """The scores, and the labeled dataset whose tau is used (threshold.tau_from) where one is named."""
+        tau = self.cfg.tau_source
+        return [Input(self.manifest.stage_dir("score"), ("scored",))] + ([Input(tau, ("labeled",))] if tau and tau.is_dir() else [])
 
     def write(self, out: StageOutput) -> Written:
         from pipeline.threshold import write_labels
@@ -290,8 +308,16 @@ class Train(Stage):
 
     @property
     def start_model(self) -> str | None:
-        """The weights the policy starts from (and the reference is): train.model, else generate.model."""
+        """The weights the policy starts from: train.model, else generate.model."""
         return self.cfg.model or (self.manifest.generate.model if self.manifest.generate else None)
+
+    @property
+    def reference_model(self) -> str | None:
+        """The reference's weights where they are not the start model's (train.reference names another model, or
+        `base`: generate.model); None where the reference is the start model (a frozen copy, or LoRA disabled)."""
+        base = self.manifest.generate.model if self.manifest.generate else None
+        ref = {"previous": None, "base": base}.get(self.cfg.reference, self.cfg.reference)
+        return None if ref == self.start_model else ref
 
     def inputs(self) -> list[Input]:
         from trainer.recipe import DATA_STAGES
@@ -301,7 +327,9 @@ class Train(Stage):
         return [Input(self.cfg.data or self.manifest.stage_dir(DATA_STAGES[kind]), (kind,))]
 
     def config_hash(self) -> str:
-        return self.cfg.content_hash(model=self.start_model, model_files=files_fingerprint(self.start_model))
+        ref = self.reference_model
+        reference = {"reference_model": ref, "reference_files": files_fingerprint(ref)} if ref else {}
+        return self.cfg.content_hash(model=self.start_model, model_files=files_fingerprint(self.start_model), **reference)
 
     def jobs(self) -> list[Train]:
         """One stage per training method (train.methods), each with a single-method train section."""
@@ -350,6 +378,39 @@ class Eval(Stage):
 
 
 STAGES: tuple[type[Stage], ...] = (Generate, Score, Threshold, Pair, Train, Eval)
+
+
+def round_dir(manifest: Manifest, round_: int) -> Path:
+    """Where round `round_` writes its stages' outputs: round 0 where a one-round run writes."""
+    return manifest.output_dir if round_ == 0 else manifest.output_dir / f"round-{round_}"
+
+
+def rounds(manifest: Manifest) -> Iterator[Manifest]:
+    """Each round's manifest, in order; the caller runs a round's stages before asking for the next one, whose
+    manifest names the model that round trained (and is validated against it). A one-round run is its manifest.
+
+    Round r >= 1: output under round-<r>/, run seed `round_seed(seed, r)`, generate.model and the start of
+    training = round r-1's train/<method> output (so generate.revision/variant, which name hub files, are
+    dropped), tau_from round0 -> round 0's labeled dataset, reference base -> the run's generate.model.
+    Every round's manifest has rounds: 1 and no eval section (eval compares every round, once, at the end)."""
+    if manifest.run.rounds == 1:
+        yield manifest
+        return
+    from pipeline.seeds import round_seed
+
+    for r in range(manifest.run.rounds):
+        data = manifest.model_dump(mode="json", exclude_none=True, exclude={"eval"})
+        data["run"].update(rounds=1, output_dir=str(round_dir(manifest, r)))
+        if r > 0:
+            data["run"]["seed"] = round_seed(manifest.run.seed, r)
+            data["generate"] = {k: v for k, v in data["generate"].items() if k not in ("revision", "variant")}
+            data["generate"]["model"] = str(round_dir(manifest, r - 1) / "train" / manifest.train.method)
+            data["train"].pop("model", None)
+            if manifest.threshold is not None and manifest.threshold.tau_from == "round0":
+                data["threshold"]["tau_from"] = str(manifest.stage_dir("threshold"))
+            if manifest.train.reference == "base":
+                data["train"]["reference"] = manifest.generate.model
+        yield parse_manifest(data, f"{manifest.source} (round {r})")
 
 
 def stage_named(name: str) -> type[Stage]:

@@ -209,7 +209,7 @@ def write_labels(stage: Threshold, out: StageOutput) -> Written:
     per_prompt = cfg.mode != "global"
     shards = read_scores(src, rule, cfg, per_prompt)
     where = str(src.path)
-    tau_g = load_tau_from(cfg.tau_from, rule, cfg) if cfg.tau_from else global_tau(shards, cfg.percentile, where)
+    tau_g = load_tau_from(cfg.tau_source, rule, cfg) if cfg.tau_source else global_tau(shards, cfg.percentile, where)
     taus = row_taus(shards, cfg, tau_g, where)
     kept = np.concatenate([s.scores[s.keep] for s in shards])
     if len(kept) and kept.min() == kept.max():  # every row would be a positive of weight 1: no signal to train on
@@ -231,7 +231,7 @@ def write_labels(stage: Threshold, out: StageOutput) -> Written:
         "mode": cfg.mode,
         "percentile": cfg.percentile,
         "tau_global": tau_g,
-        "tau_source": str(cfg.tau_from) if cfg.tau_from else "this dataset",
+        "tau_source": str(cfg.tau_source) if cfg.tau_source else "this dataset",
         "tau_per_prompt_quantiles": np.quantile(taus_all, [0, 0.25, 0.5, 0.75, 1]).tolist() if per_prompt else None,
         "n": int(len(kept)),
         "dropped_nan": int(sum((~s.keep).sum() for s in shards)),

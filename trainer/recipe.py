@@ -59,7 +59,9 @@ def check_latent_shape(manifest: Manifest, data_path: Path, dataset: Dataset, me
 
 
 def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Family]:
-    from pipeline.generate import load_model
+    """The pipeline training starts from (train.model, else generate.model: a hub id, a pipeline dir or a
+    finished train output); a LoRA result is merged into its base, so that a new LoRA trains on top of it."""
+    from pipeline.generate import load_model, merge_lora
 
     cfg = manifest.require("train")
     gen = manifest.generate
@@ -68,6 +70,7 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
         raise StageError(f"{manifest.source}: train.model is not set and there is no generate.model to start from")
     pipe = load_model(ref, torch_dtype=cfg.frozen_torch_dtype, local_files_only=gen.local_files_only if gen else False,
                       device=str(device))
+    merge_lora(pipe)
     text_kwargs = {}
     if gen and "max_sequence_length" in gen.pipeline_kwargs:
         text_kwargs["max_sequence_length"] = gen.pipeline_kwargs["max_sequence_length"]
@@ -79,8 +82,8 @@ def load_generator(manifest: Manifest, device: torch.device) -> tuple[Any, Famil
     return pipe, family
 
 
-def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
-                         device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method, device: torch.device,
+                         other: torch.nn.Module | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trained policy and its frozen reference, made to compute the same function at initialisation.
 
     The loaded denoiser holds the frozen weights at train.frozen_dtype. Full fine-tune: the policy is a copy
@@ -91,8 +94,9 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
     share of the parameters. Placed on the CPU, the reference is stored there and computes on `device`:
     accelerate's offload hooks materialise each layer's weights there in fp32 for that layer's forward only.
     So both forwards run the same ops on the same values in the same dtypes. LoRA: fp32 adapters on the frozen
-    base; the base under the disabled adapter is the reference (returned as None). Methods without a reference
-    train the denoiser upcast in place."""
+    base; the base under the disabled adapter is the reference (returned as None). `other`: a reference that is
+    another model (train.reference: base in a later round), loaded at frozen_dtype and made to compute the same
+    way. Methods without a reference train the denoiser upcast in place."""
     frozen = adapter.denoiser
     if cfg.lora is not None:
         from diffusers.training_utils import cast_training_params
@@ -101,11 +105,19 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
         frozen.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                                       init_lora_weights=True))
         cast_training_params(frozen, dtype=torch.float32)
-        return frozen, None
-    policy = (copy.deepcopy(frozen) if method.needs_reference else frozen).float().requires_grad_(True)
+        return frozen, _computing_like_fp32(other, cfg, device) if other is not None else None
+    own_copy = method.needs_reference and other is None
+    policy = (copy.deepcopy(frozen) if own_copy else frozen).float().requires_grad_(True)
     setattr(adapter.pipe, adapter.denoiser_name, policy)  # the pipeline holds the trained denoiser, as it is saved
     if not method.needs_reference:
         return policy, None
+    return policy, _computing_like_fp32(frozen if own_copy else other, cfg, device)
+
+
+def _computing_like_fp32(frozen: torch.nn.Module, cfg: TrainSection, device: torch.device) -> torch.nn.Module:
+    """A frozen reference stored at frozen_dtype that computes, under the run's autocast, what its fp32 copy would
+    (see policy_and_reference)."""
+    frozen.requires_grad_(False).eval()
     if cfg.reference_device == "cpu":
         from accelerate import cpu_offload
 
@@ -113,10 +125,11 @@ def policy_and_reference(cfg: TrainSection, adapter: Family, method: Method,
         cpu_offload(frozen, execution_device=device, offload_buffers=True, state_dict=stored)
         frozen.float()  # the offloaded tensors are now meta placeholders: fp32 ones make each layer load in fp32
     else:
+        frozen.to(device)
         for module in frozen.modules():
             if not isinstance(module, AUTOCAST_LAYERS):
                 _upcast_own(module)
-    return policy, frozen
+    return frozen
 
 
 AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # run in autocast's dtype
@@ -137,6 +150,22 @@ def autocast(cfg: TrainSection, device: torch.device) -> contextlib.AbstractCont
     if cfg.mixed_precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
+
+
+def load_reference(manifest: Manifest, device: torch.device | str) -> torch.nn.Module | None:
+    """The frozen denoiser of train.reference where it is another model than the start one (`base` in a later
+    round: the run's generate.model, even when the policy trains a LoRA on the merged previous round);
+    None where the start model is the reference (a frozen copy of it, or the base under a disabled LoRA)."""
+    from pipeline.generate import load_model, merge_lora
+
+    ref = Train(manifest).reference_model
+    if ref is None:
+        return None
+    gen = manifest.generate
+    cfg = manifest.require("train")
+    pipe = merge_lora(load_model(ref, torch_dtype=cfg.frozen_torch_dtype, local_files_only=gen.local_files_only if gen else False,
+                                 device=str(device)))
+    return family_of(pipe).denoiser
 
 
 class Latents:
@@ -286,7 +315,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     check_latent_shape(manifest, data_path, dataset, method, adapter)
     if tensorboard:
         accelerator.init_trackers("tensorboard")  # events under <out>/tensorboard/
-    policy, reference = policy_and_reference(cfg, adapter, method, accelerator.device)
+    other = load_reference(manifest, accelerator.device) if method.needs_reference else None  # train.reference
+    policy, reference = policy_and_reference(cfg, adapter, method, accelerator.device, other)
     if cfg.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(policy)
     policy.train()
@@ -354,7 +384,8 @@ def train(manifest: Manifest, *, resume: str | None = None, overwrite: bool = Fa
     if accelerator.is_main_process:
         final = save_final(pipe, adapter, accelerator.unwrap_model(policy), cfg, out)
         stage.seal(identity, {"method": cfg.method, "steps": step, "final": str(final),
-                              "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path)})
+                              "format": adapter.lora_format if cfg.lora else "pipeline", "data": str(data_path),
+                              "base": stage.start_model, "reference": stage.reference_model or stage.start_model})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
