@@ -34,7 +34,7 @@ def runs(tmp_path_factory, tiny_model):
 def _images(pipe, seed: int = 0):
     """Two images from fixed prior noise (or, for aMUSEd, a fixed seed)."""
     family = family_of(pipe, height=16, width=16)
-    if not family.records_noise:  # MaskGIT: a seeded generator for the call
+    if family.noise_shape is None:  # MaskGIT: a seeded generator for the call
         kwargs = family.call_kwargs(None, [seed])
     else:
         kwargs = family.call_kwargs(torch.randn(2, *family.noise_shape, generator=torch.Generator().manual_seed(seed)), [])

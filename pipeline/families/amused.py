@@ -25,7 +25,6 @@ from pipeline.families.base import Family
 class AmusedFamily(Family):
     kind = "maskgit"
     denoiser_name = "transformer"
-    records_noise = False
     lora_format = "lora_adapter"
     max_batch = 1
 

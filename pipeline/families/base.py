@@ -37,7 +37,6 @@ class Family:
 
     kind: str  # "diffusion" | "rectified_flow" | "maskgit"
     denoiser_name: str  # the trained network's attribute on the pipeline
-    records_noise = True  # False: no continuous prior noise, the seed alone reproduces a sample
     lora_format = "lora"  # the pipeline's own `save/load_lora_weights` format
     max_batch: int | None = None  # samples per pipeline call; None: the configured batch size
 
