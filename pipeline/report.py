@@ -183,7 +183,9 @@ def _img(data: bytes, alt: str) -> str:
 def write_report(manifest: Manifest, results: dict[str, Any], images: dict[str, list[bytes]], out: Path) -> None:
     cfg = manifest.require("eval")
     prompts = [p.text for p in load_prompts(cfg.prompts, manifest.require("generate").prompt_column, dedupe=False)[0]]
-    figures = {"scores.png": score_plot(results), "grid.png": image_grid(results, images, cfg.grid_prompts, prompts)}
+    figures = {"scores.png": score_plot(results)}
+    if cfg.grid_prompts > 0:
+        figures["grid.png"] = image_grid(results, images, cfg.grid_prompts, prompts)
     if len(results["models"]) > 1:
         figures["forest.png"] = forest_plot(results)
     curves = curves_plot(manifest.output_dir / "train")
@@ -200,8 +202,8 @@ def write_report(manifest: Manifest, results: dict[str, Any], images: dict[str, 
         *(["![delta vs base per model and reward, 95% CI](forest.png)", ""] if "forest.png" in figures else []),
         "![score distributions](scores.png)", "",
         *(["![training curves](training.png)", ""] if curves else []),
-        f"Image grid, columns: the models ({', '.join(names)}); rows: the first sample of the first prompts, named.", "",
-        "![same-noise grid](grid.png)", "",
+        *([f"Image grid, columns: the models ({', '.join(names)}); rows: the first sample of the first prompts, named.", "",
+           "![same-noise grid](grid.png)", ""] if "grid.png" in figures else []),
     ]
     (out / "report.md").write_text("\n".join(md))
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
@@ -215,7 +217,7 @@ noises. Held-out rewards: {html.escape(', '.join(results['heldout_rewards']) or 
 {'<h2>Delta vs base, 95% CI</h2>' + _img(figures['forest.png'], 'forest plot') if 'forest.png' in figures else ''}
 <h2>Score distributions</h2>{_img(figures['scores.png'], 'score distributions')}
 {'<h2>Training curves</h2>' + _img(curves, 'training curves') if curves else ''}
-<h2>Same noise, side by side</h2><p>Columns: {html.escape(', '.join(names))}.</p>{_img(figures['grid.png'], 'image grid')}
+{f"<h2>Same noise, side by side</h2><p>Columns: {html.escape(', '.join(names))}.</p>" + _img(figures['grid.png'], 'image grid') if 'grid.png' in figures else ''}
 </body></html>"""
     (out / "report.html").write_text(page)
     print_table(results)

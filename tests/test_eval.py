@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import load_manifest
 from pipeline.evaluation import cluster_bootstrap, paired, run_eval
-from pipeline.report import curves_plot, fmt_ci, forest_plot, image_grid, smooth
+from pipeline.report import curves_plot, fmt_ci, forest_plot, image_grid, smooth, write_report
 from tests.conftest import write_manifest
 
 
@@ -61,6 +61,16 @@ def test_report_contains_the_forest_plot_and_the_named_grid(self_eval):
         assert (out / name).read_bytes()[:8] == PNG and f"]({name})" in md
     assert page.count("data:image/png;base64,") == 3  # forest, scores, grid (no training under this run)
     assert "rows: the first sample of the first prompts, named" in md
+
+
+def test_grid_prompts_zero_writes_the_report_without_a_grid(self_eval, tmp_path):
+    out, manifest = self_eval
+    results = json.loads((out / "results.json").read_text())
+    cfg = manifest.model_copy(update={"eval": manifest.eval.model_copy(update={"grid_prompts": 0})})
+    write_report(cfg, results, {}, tmp_path)  # no images needed when no grid is drawn
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert not (tmp_path / "grid.png").exists() and "grid.png" not in md and "Same noise" not in page
+    assert (tmp_path / "forest.png").exists() and page.count("data:image/png;base64,") == 2
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
