@@ -44,10 +44,10 @@ class Scale:
     """How big the study is: the budget of each training run, the tuning grid, the seeds and the eval sets."""
 
     seeds: int = 5
-    ablation_seeds: int = 5
+    ablation_seeds: int = 3
     steps: int = 200
     batch_size: int = 16
-    learning_rates: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
+    learning_rates: tuple[float, ...] = (3e-5, 1e-4)
     betas: int = 2  # how many of each method's betas (BETAS) the grid tries
     curve_points: int = 4  # checkpoints of seed 0 evaluated for reward vs step
     images_per_prompt: int = 8  # generate
@@ -250,6 +250,12 @@ def claims(main: dict[str, list], runs: dict[str, list], curves: dict[str, list]
     return out
 
 
+def tag(cfg: dict[str, Any]) -> str:
+    """A run's name part for a configuration: the tuning run of the chosen configuration is the main run of seed 0."""
+    return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(cfg.items())
+                    if not isinstance(v, dict)) or "default"
+
+
 # -- checkpoints as pipelines -------------------------------------------------------------------------------
 def checkpoint_pipelines(study: Study, name: str) -> list[tuple[int, Path]]:
     """Each kept checkpoint of run `name` saved as a diffusers pipeline (base weights + the checkpoint's
@@ -288,7 +294,7 @@ def run_study(world: Path, out: Path, scale: Scale) -> dict[str, Any]:
         rows = []
         for lr, beta in scale.grid(method):
             cfg = {"learning_rate": lr, **({"beta": beta} if beta is not None else {})}
-            name = f"{method}-lr{lr:g}" + (f"-b{beta:g}" if beta is not None else "") + "-s0"
+            name = f"{method}-{tag(cfg)}-s0"
             study.train(name, method, shared, seed=0, **cfg)
             r = study.evaluate(name, [out / "runs" / name / "train" / method / "pipeline"], "tune")
             vs = r["models"][1]["rewards"]["fidelity"]["vs_base"]
@@ -299,10 +305,6 @@ def run_study(world: Path, out: Path, scale: Scale) -> dict[str, Any]:
         chosen[method] = best["config"]
     res["tuning"], res["chosen"] = tuning, chosen
     print(f"study: tuning done at {time.perf_counter() - t0:.0f}s; chosen {chosen}", flush=True)
-
-    def tag(cfg: dict[str, Any]) -> str:
-        return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(cfg.items())
-                        if not isinstance(v, dict)) or "default"
 
     def seeds_of(method: str, data: Path, which: list[int], **extra: Any) -> list[dict[str, Any]]:
         cfg = {**chosen[method], **extra}
