@@ -44,10 +44,10 @@ class Scale:
     """How big the study is: the budget of each training run, the tuning grid, the seeds and the eval sets."""
 
     seeds: int = 5
-    ablation_seeds: int = 3
+    ablation_seeds: int = 5
     steps: int = 200
     batch_size: int = 16
-    learning_rates: tuple[float, ...] = (3e-5, 1e-4)
+    learning_rates: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
     betas: int = 2  # how many of each method's betas (BETAS) the grid tries
     curve_points: int = 4  # checkpoints of seed 0 evaluated for reward vs step
     images_per_prompt: int = 8  # generate
