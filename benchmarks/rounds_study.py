@@ -13,6 +13,7 @@ writes timing.json once evaluated; a rerun reads the finished ones. Results: --o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -46,8 +47,13 @@ def run_arm(args: Namespace, method: str, n_rounds: int, seed: int) -> dict:
     """One tauflow run of the arm (resumed where it stopped), evaluated on its last round's model."""
     out = args.out / f"{method}-r{n_rounds}-s{seed}"
     timing_file = out / "timing.json"
+    made_with = {"manifest_sha256": hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest(),
+                 "overrides": overrides(args, method, n_rounds, seed, out)}
     if timing_file.exists():
-        return json.loads(timing_file.read_text())
+        record = json.loads(timing_file.read_text())
+        if record.get("made_with") != made_with:  # never a finished arm of other settings in this table
+            raise SystemExit(f"{timing_file}: an arm run with other settings (manifest or budget); use another --out")
+        return record
     cli = Namespace(overwrite=False, executor=None, resume=None)
     manifest = load_manifest(args.manifest, [*overrides(args, method, n_rounds, seed, out), "eval=null"])  # eval: below
     seconds: dict[str, float] = {}
@@ -63,7 +69,7 @@ def run_arm(args: Namespace, method: str, n_rounds: int, seed: int) -> dict:
     seconds["eval"] = time.perf_counter() - start
     results = json.loads((out / "eval/results.json").read_text())
     tuned = results["models"][1]["rewards"]
-    record = {"method": method, "rounds": n_rounds, "seed": seed, "seconds": seconds,
+    record = {"method": method, "rounds": n_rounds, "seed": seed, "made_with": made_with, "seconds": seconds,
               "delta": {name: r["vs_base"]["delta"] for name, r in tuned.items()},
               "delta_ci": {name: r["vs_base"]["delta_ci"] for name, r in tuned.items()}}
     timing_file.write_text(json.dumps(record, indent=1))
@@ -81,7 +87,8 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
 def table(args: Namespace, records: list[dict]) -> str:
     rewards = list(records[0]["delta"])
     head = ["method", "rounds", "steps/round", "images/round"] + [f"{r} delta [95% CI over seeds]" for r in rewards]
-    head += ["per-seed " + rewards[-1], "generate s", "train s", "all stages s"]
+    head += [f"{rewards[-1]} vs 1 round [95% CI, paired by seed]", "per-seed " + rewards[-1], "generate s", "train s",
+             "all stages s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in args.methods:
         for n in args.rounds:
@@ -92,6 +99,10 @@ def table(args: Namespace, records: list[dict]) -> str:
             for reward in rewards:
                 mean, lo, hi = t_interval([r["delta"][reward] for r in arm])
                 cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            one = {r["seed"]: r["delta"][rewards[-1]] for r in records if r["method"] == method and r["rounds"] == 1}
+            paired = [r["delta"][rewards[-1]] - one[r["seed"]] for r in arm if r["seed"] in one]
+            mean, lo, hi = t_interval(paired) if n != 1 and paired else (float("nan"),) * 3
+            cells.append("" if n == 1 or not paired else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             cells.append(", ".join(f"{r['delta'][rewards[-1]]:+.3f}" for r in arm))
             for key in ("generate", "train"):
                 cells.append(f"{statistics.fmean(r['seconds'][key] for r in arm):.0f}")
@@ -106,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/rounds-study"))
     parser.add_argument("--methods", nargs="+", default=["tgo", "dpo"])
     parser.add_argument("--rounds", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--prompts", type=int, default=64, help="prompts over all rounds (P)")
     parser.add_argument("--images", type=int, default=8, help="images per prompt (K)")
-    parser.add_argument("--steps", type=int, default=64, help="training steps over all rounds (S)")
+    parser.add_argument("--steps", type=int, default=128, help="training steps over all rounds (S)")
     parser.add_argument("--eval-images", type=int, default=2, help="eval images per held-out prompt")
     parser.add_argument("--tgo-beta", type=float, default=0.2, help="TGO's beta (the demo's)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tgo, 1 and 2 rounds, one seed, tiny budgets")
