@@ -13,7 +13,6 @@ writes timing.json once evaluated; a rerun reads the finished ones. Results: --o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -43,16 +42,21 @@ def overrides(args: Namespace, method: str, n_rounds: int, seed: int, out: Path)
     ]
 
 
+def made_with_hash(args: Namespace, method: str, n_rounds: int, seed: int) -> str:
+    """What an arm's result depends on: its resolved manifest and the world's weights (Section.content_hash)."""
+    out = args.out / f"{method}-r{n_rounds}-s{seed}"
+    return load_manifest(args.manifest, overrides(args, method, n_rounds, seed, out)).content_hash()
+
+
 def run_arm(args: Namespace, method: str, n_rounds: int, seed: int) -> dict:
     """One tauflow run of the arm (resumed where it stopped), evaluated on its last round's model."""
     out = args.out / f"{method}-r{n_rounds}-s{seed}"
     timing_file = out / "timing.json"
-    made_with = {"manifest_sha256": hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest(),
-                 "overrides": overrides(args, method, n_rounds, seed, out)}
+    made_with = made_with_hash(args, method, n_rounds, seed)
     if timing_file.exists():
         record = json.loads(timing_file.read_text())
         if record.get("made_with") != made_with:  # never a finished arm of other settings in this table
-            raise SystemExit(f"{timing_file}: an arm run with other settings (manifest or budget); use another --out")
+            raise SystemExit(f"{timing_file}: an arm run with other settings (manifest, world or budget); use another --out")
         return record
     cli = Namespace(overwrite=False, executor=None, resume=None)
     manifest = load_manifest(args.manifest, [*overrides(args, method, n_rounds, seed, out), "eval=null"])  # eval: below

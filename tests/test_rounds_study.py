@@ -1,21 +1,32 @@
 """The rounds study's bookkeeping (benchmarks/rounds_study.py): a finished arm is reused only when it was run with
-the same manifest and budget, and the table pairs every arm with the one-round arm of the same seed."""
+the same settings, and the table pairs every arm with the one-round arm of the same seed."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from argparse import Namespace
 
 import pytest
 
-from benchmarks.rounds_study import ROOT, overrides, run_arm, table
+from benchmarks.rounds_study import made_with_hash, run_arm, table
+from tests.conftest import write_manifest
 
 
-def _args(tmp_path, **changes) -> Namespace:
-    base = {"manifest": str(ROOT / "manifests/demo.yaml"), "out": tmp_path, "methods": ["tgo"], "rounds": [1, 2],
-            "seeds": [0, 1], "prompts": 64, "images": 8, "steps": 128, "eval_images": 2, "tgo_beta": 0.2}
-    return Namespace(**{**base, **changes})
+@pytest.fixture
+def args(tmp_path, tiny_model):
+    """args(**changes): the study's arguments over a small manifest of the tiny SD3 pipeline (like the demo's)."""
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\n")
+    data = {
+        "run": {"name": "r", "output_dir": "out", "executor": "local"},
+        "generate": {"model": str(tiny_model("sd3")), "prompts": str(tmp_path / "prompts.txt"), "height": 16, "width": 16},
+        "score": {"rewards": [{"name": "bright", "kind": "tests.plugin_rewards:Brightness"}]},
+        "threshold": {"reward": "bright"}, "pair": {"reward": "bright"},
+        "train": {"method": "tgo"}, "eval": {"prompts": str(tmp_path / "prompts.txt")},
+    }
+    manifest = write_manifest(tmp_path / "m.yaml", data)
+    base = {"manifest": str(manifest), "out": tmp_path / "study", "methods": ["tgo"], "rounds": [1, 2], "seeds": [0, 1],
+            "prompts": 64, "images": 8, "steps": 128, "eval_images": 2, "tgo_beta": 0.2}
+    return lambda **changes: Namespace(**{**base, **changes})
 
 
 def _finish(args: Namespace, method: str, n: int, seed: int, heldout: float) -> None:
@@ -25,23 +36,20 @@ def _finish(args: Namespace, method: str, n: int, seed: int, heldout: float) -> 
     (out / "timing.json").write_text("{}")
     with pytest.raises(SystemExit):  # a record without settings is not trusted
         run_arm(args, method, n, seed)
-    made_with = {"manifest_sha256": hashlib.sha256(open(args.manifest, "rb").read()).hexdigest(),
-                 "overrides": overrides(args, method, n, seed, out)}
-    record = {"method": method, "rounds": n, "seed": seed, "made_with": made_with,
+    record = {"method": method, "rounds": n, "seed": seed, "made_with": made_with_hash(args, method, n, seed),
               "seconds": {"generate": 1.0, "train": 2.0}, "delta": {"heldout": heldout}, "delta_ci": {}}
     (out / "timing.json").write_text(json.dumps(record))
 
 
-def test_a_finished_arm_is_reused_only_with_the_same_budget(tmp_path):
-    args = _args(tmp_path)
-    _finish(args, "tgo", 2, 0, 0.05)
-    assert run_arm(args, "tgo", 2, 0)["delta"] == {"heldout": 0.05}
+def test_a_finished_arm_is_reused_only_with_the_same_budget(args):
+    _finish(args(), "tgo", 2, 0, 0.05)
+    assert run_arm(args(), "tgo", 2, 0)["delta"] == {"heldout": 0.05}
     with pytest.raises(SystemExit, match="other settings"):
-        run_arm(_args(tmp_path, steps=64), "tgo", 2, 0)
+        run_arm(args(steps=64), "tgo", 2, 0)
 
 
-def test_table_pairs_each_arm_with_one_round_of_the_same_seed(tmp_path):
-    args = _args(tmp_path)
+def test_table_pairs_each_arm_with_one_round_of_the_same_seed(args):
+    args = args()
     deltas = {(1, 0): 0.01, (1, 1): 0.03, (2, 0): 0.04, (2, 1): 0.05}  # paired differences +0.03, +0.02
     for (n, seed), d in deltas.items():
         _finish(args, "tgo", n, seed, d)
