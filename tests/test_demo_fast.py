@@ -28,7 +28,7 @@ def test_fast_demo_tgo_and_pnapo_raise_the_training_reward(tmp_path):
         f"run.output_dir={tmp_path / 'run'}", "run.executor=local",
         f"generate.model={world / 'base'}", f"generate.prompts={world / 'prompts' / 'train.txt'}",
         f"score.rewards=[{{name: fidelity, kind: 'world.rewards:DigitReward', checkpoint: {rewards}/fidelity}}]",
-        "train.methods=[tgo, pnapo]", "train.max_steps=120",
+        "train.methods=[tgo, pnapo]", "train.per_method={tgo: {beta: 0.2}}", "train.max_steps=120",
         f"eval.prompts={world / 'prompts' / 'eval.txt'}",
         f"eval.rewards=[{{name: heldout, kind: 'world.rewards:DigitReward', checkpoint: {rewards}/heldout}}]",
     ]
