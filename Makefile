@@ -28,7 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
 
-study: $(STAMP)   # the method study (benchmarks/study.py), minutes to an hour; e.g. ARGS="--seeds 3"
+study: $(STAMP)   # the method study (benchmarks/study.py): about an hour on 2 cores; smaller: ARGS="--seeds 3 --ablation-seeds 1"
 	$(PY) -m benchmarks.study $(ARGS)
 
 rounds-study: $(STAMP)   # needs the world: make world
