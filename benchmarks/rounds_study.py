@@ -27,7 +27,6 @@ from pipeline.config import load_manifest  # noqa: E402
 from pipeline.stage import Eval, round_dir, rounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles by df
 
 
 def overrides(args: Namespace, method: str, n_rounds: int, seed: int, out: Path) -> list[str]:
@@ -84,7 +83,9 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return mean, mean - half, mean + half
 
 
